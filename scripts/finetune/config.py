@@ -1,0 +1,269 @@
+"""Command line and YAML → one validated `TrainConfig`.
+
+Every field of `TrainConfig` is a flag (`--seq_length`, also `--seq-length`); booleans get a `--no_` twin.
+A playbook script only changes defaults. Precedence: playbook defaults < `--config FILE.yaml` < flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import UserError
+
+DEFAULT_DATASET = "tatsu-lab/alpaca"
+DEFAULT_DATASET_ROWS = 512
+DATASET_FORMATS = ("auto", "alpaca", "sharegpt", "messages", "text")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+METHODS = ("lora", "qlora", "full")
+
+
+def _flag(help: str, **kwargs):
+    return field(metadata={"help": help}, **kwargs)
+
+
+@dataclass
+class TrainConfig:
+    # Set by the playbook script, not a flag: which weights are trained and how the base is loaded.
+    method: str = field(default="lora", metadata={"flag": False})
+
+    # Model
+    model_name: str = _flag("hub id or local directory of the base model", default="")
+    dtype: str = _flag(
+        "weights and compute dtype; auto = bfloat16 on GPUs that support it, float32 on CPU",
+        default="auto",
+    )
+    attn_implementation: str = _flag("attention kernel: sdpa, eager, flash_attention_2, ...", default="sdpa")
+    gradient_checkpointing: bool = _flag(
+        "recompute activations in the backward pass to save memory", default=False
+    )
+
+    # LoRA (ignored by full fine-tuning)
+    lora_rank: int = _flag("LoRA rank r", default=8)
+    lora_alpha: int = _flag("LoRA scaling alpha", default=16)
+    lora_dropout: float = _flag("dropout on the LoRA input", default=0.0)
+    target_modules: str = _flag(
+        "modules that get adapters: all-linear, or a comma-separated list like q_proj,v_proj",
+        default="all-linear",
+    )
+
+    # Data
+    dataset: str = _flag(
+        f"hub dataset id, or a local .jsonl/.json/.parquet/.csv file or directory of them "
+        f"(default: the first {DEFAULT_DATASET_ROWS} rows of {DEFAULT_DATASET})",
+        default="",
+    )
+    dataset_format: str = _flag(
+        f"one of {', '.join(DATASET_FORMATS)}; auto detects it from the columns", default="auto"
+    )
+    dataset_size: int | None = _flag("use only the first N rows (default: all)", default=None)
+    eval_split: float = _flag("fraction of rows held out for evaluation; 0 = no evaluation", default=0.05)
+    eval_dataset: str = _flag(
+        "separate evaluation dataset (same forms as --dataset); replaces --eval_split", default=""
+    )
+    seq_length: int = _flag("maximum tokens per example; longer examples are truncated", default=2048)
+    packing: bool = _flag(
+        "padding-free packing: each batch is one sequence with per-example positions", default=True
+    )
+    train_on_prompt: bool = _flag(
+        "compute the loss on prompt tokens too (default: responses only)", default=False
+    )
+
+    # Optimisation
+    batch_size: int = _flag("examples per device per step", default=8)
+    gradient_accumulation_steps: int = _flag("micro-batches accumulated into one optimizer step", default=1)
+    learning_rate: float = _flag("peak learning rate", default=1e-4)
+    lr_scheduler_type: str = _flag("learning-rate schedule (transformers' names)", default="linear")
+    warmup_ratio: float = _flag("fraction of steps spent warming up the learning rate", default=0.0)
+    weight_decay: float = _flag("AdamW weight decay", default=0.0)
+    num_epochs: float = _flag("epochs over the training data (fractions allowed)", default=1.0)
+    max_steps: int = _flag("stop after this many optimizer steps; -1 = run --num_epochs", default=-1)
+    seed: int = _flag("seed for weights of new adapters, data order and the eval split", default=42)
+
+    # Outputs
+    output_dir: str = _flag("where the model, checkpoints, logs and metrics.json go", default="")
+    overwrite_output_dir: bool = _flag("reuse an output directory that holds a different run", default=False)
+    save_steps: int = _flag("write a checkpoint every N steps", default=200)
+    save_total_limit: int = _flag("keep at most N checkpoints", default=2)
+    resume: str = _flag(
+        "auto = continue from the newest checkpoint of this run if there is one; never; or a checkpoint path",
+        default="auto",
+    )
+    logging_steps: int = _flag("log the training loss every N steps", default=10)
+    log_dir: str = _flag("TensorBoard directory (default: OUTPUT_DIR/logs)", default="")
+
+    # Control
+    config: str = _flag("YAML file with any of these keys; flags given on the command line win", default="")
+    dry_run: bool = _flag(
+        "load config, tokenizer and data, print the plan, and exit without training", default=False
+    )
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.method in ("lora", "qlora")
+
+    @property
+    def uses_default_dataset(self) -> bool:
+        return not self.dataset
+
+    def identity(self) -> dict:
+        """The settings that make two invocations the same run (for resuming and for refusing a foreign output)."""
+        skip = {
+            "output_dir",
+            "overwrite_output_dir",
+            "resume",
+            "logging_steps",
+            "log_dir",
+            "config",
+            "dry_run",
+            "save_steps",
+            "save_total_limit",
+            "max_steps",
+        }
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+
+
+def flag_fields() -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(TrainConfig) if f.metadata.get("flag", True)]
+
+
+def _base_type(annotation) -> type:
+    """`int | None` → int; the dataclass is written with `from __future__ import annotations`."""
+    hint = typing.get_type_hints(TrainConfig)[annotation] if isinstance(annotation, str) else annotation
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+def _field_types() -> dict[str, type]:
+    return {f.name: _base_type(f.name) for f in dataclasses.fields(TrainConfig)}
+
+
+def _spellings(name: str, prefix: str = "") -> list[str]:
+    """`--seq_length` and `--seq-length` (and `--no_packing`, `--no-packing`)."""
+    snake = f"--{prefix and prefix + '_'}{name}"
+    dashed = f"--{prefix and prefix + '-'}{name.replace('_', '-')}"
+    return list(dict.fromkeys([snake, dashed]))
+
+
+def _build_parser(prog: str, description: str, defaults: dict) -> argparse.ArgumentParser:
+    # SUPPRESS as every flag's default tells given flags apart from defaults, which YAML precedence needs.
+    parser = argparse.ArgumentParser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
+    types_ = _field_types()
+    for f in flag_fields():
+        default = defaults.get(f.name, f.default)
+        if types_[f.name] is bool:
+            state = "on" if default else "off"
+            help_text = f"{f.metadata['help']} (default: {state}; --no_{f.name} turns it off)"
+            parser.add_argument(*_spellings(f.name), dest=f.name, action="store_true", help=help_text)
+            parser.add_argument(
+                *_spellings(f.name, "no"), dest=f.name, action="store_false", help=argparse.SUPPRESS
+            )
+        else:
+            shown = "none" if default in ("", None) else default
+            help_text = f"{f.metadata['help']} (default: {shown})"
+            parser.add_argument(
+                *_spellings(f.name), dest=f.name, type=types_[f.name], metavar=f.name.upper(), help=help_text
+            )
+    return parser
+
+
+def _read_yaml(path: str) -> dict:
+    import yaml
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise UserError(f"--config {path}: no such file")
+    try:
+        data = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise UserError(f"{path}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of option names to values")
+    known = {f.name for f in flag_fields()} - {"config"}
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise UserError(f"{path}: unknown option(s) {', '.join(unknown)}; see --help for the valid names")
+    types_ = _field_types()
+    for key, value in data.items():
+        expected = types_[key]
+        if value is None and key in ("dataset_size",):
+            continue
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            data[key] = float(value)
+        elif expected is str and isinstance(value, list) and key == "target_modules":
+            data[key] = ",".join(map(str, value))
+        elif not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            raise UserError(f"{path}: {key} should be {expected.__name__}, got {value!r}")
+    return data
+
+
+def parse_config(argv: list[str] | None, *, prog: str, description: str, defaults: dict) -> TrainConfig:
+    """Parse flags (and an optional YAML file) on top of a playbook's defaults, then validate."""
+    parser = _build_parser(prog, description, defaults)
+    given = vars(parser.parse_args(argv))
+    values = dict(defaults)
+    if given.get("config"):
+        values.update(_read_yaml(given["config"]))
+    values.update(given)
+    cfg = TrainConfig(**values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    def bad(flag: str, why: str) -> UserError:
+        return UserError(f"--{flag} {getattr(cfg, flag)!r}: {why}")
+
+    if not cfg.model_name:
+        raise UserError("--model_name is required")
+    if cfg.method not in METHODS:
+        raise UserError(f"unknown method {cfg.method!r}; expected one of {', '.join(METHODS)}")
+    if cfg.dtype not in DTYPES:
+        raise bad("dtype", f"expected one of {', '.join(DTYPES)}")
+    if cfg.dataset_format not in DATASET_FORMATS:
+        raise bad("dataset_format", f"expected one of {', '.join(DATASET_FORMATS)}")
+    for name in ("batch_size", "gradient_accumulation_steps", "seq_length", "save_steps", "logging_steps"):
+        if getattr(cfg, name) < 1:
+            raise bad(name, "must be at least 1")
+    if cfg.save_total_limit < 1:
+        raise bad("save_total_limit", "must be at least 1")
+    if not (cfg.learning_rate > 0 and math.isfinite(cfg.learning_rate)):
+        raise bad("learning_rate", "must be a positive number")
+    if not (cfg.num_epochs > 0 and math.isfinite(cfg.num_epochs)):
+        raise bad("num_epochs", "must be a positive number")
+    if cfg.max_steps == 0 or cfg.max_steps < -1:
+        raise bad("max_steps", "must be a positive number of steps, or -1 to use --num_epochs")
+    if cfg.dataset_size is not None and cfg.dataset_size < 1:
+        raise bad("dataset_size", "must be at least 1 row (leave it out to use every row)")
+    if not 0 <= cfg.eval_split < 1:
+        raise bad("eval_split", "must be a fraction in (0, 1), or 0 for no evaluation")
+    if not 0 <= cfg.warmup_ratio < 1:
+        raise bad("warmup_ratio", "must be a fraction in [0, 1)")
+    if cfg.weight_decay < 0:
+        raise bad("weight_decay", "must not be negative")
+    if cfg.uses_lora:
+        if cfg.lora_rank < 1:
+            raise bad("lora_rank", "must be at least 1")
+        if cfg.lora_alpha <= 0:
+            raise bad("lora_alpha", "must be positive")
+        if not 0 <= cfg.lora_dropout < 1:
+            raise bad("lora_dropout", "must be in [0, 1)")
+        if not target_modules(cfg):
+            raise bad("target_modules", "name at least one module, or all-linear")
+    if not cfg.output_dir:
+        raise UserError("--output_dir is required")
+
+
+def target_modules(cfg: TrainConfig) -> str | list[str]:
+    if cfg.target_modules.strip() == "all-linear":
+        return "all-linear"
+    return [m.strip() for m in cfg.target_modules.split(",") if m.strip()]

@@ -1,0 +1,63 @@
+"""User-facing failures: one exception type, one place that prints it.
+
+Anything the user can fix (a flag, a file, a login) is raised as `UserError` with a one-line message.
+Only the entry point (`run_cli`) prints it, so library code never calls `sys.exit` itself.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+# Exit codes: argparse already uses 2 for bad flags; the signal ones follow the shell's 128 + N.
+EXIT_USER_ERROR = 2
+EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
+
+
+class UserError(Exception):
+    """A problem with the input that the user can act on. The message is shown as is, without a traceback."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_USER_ERROR):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class Interrupted(Exception):
+    """Training stopped on SIGINT/SIGTERM after saving a checkpoint."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _out_of_memory_message(exc: BaseException) -> str | None:
+    text = str(exc)
+    if "out of memory" in text.lower() or type(exc).__name__ == "OutOfMemoryError":
+        return (
+            "out of memory: lower --batch_size or --seq_length, turn on --gradient_checkpointing, "
+            "or use the QLoRA playbook for large models"
+        )
+    return None
+
+
+def run_cli(main: Callable[[], object]) -> None:
+    """Run `main`, turning user errors and interrupts into a message on stderr and an exit code."""
+    prog = "error"
+    try:
+        main()
+    except UserError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except Interrupted as exc:
+        print(f"interrupted: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted before training started; nothing was written", file=sys.stderr)
+        sys.exit(EXIT_SIGINT)
+    except (RuntimeError, MemoryError) as exc:
+        message = _out_of_memory_message(exc)
+        if message is None:
+            raise
+        print(f"{prog}: {message}", file=sys.stderr)
+        sys.exit(1)

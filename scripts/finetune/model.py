@@ -1,0 +1,227 @@
+"""Model side: where the weights come from, tokenizer, dtype and device, 4-bit loading, LoRA."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import TrainConfig, target_modules
+from .errors import UserError
+
+LOGIN_HINT = "accept its license on huggingface.co, then log in with `hf auth login` (or set HF_TOKEN)"
+OFFLINE_HINT = (
+    "to run offline, pass a local directory (--model_name /path/to/model) or download the model once with "
+    "`hf download {name}` and set HF_HUB_OFFLINE=1"
+)
+
+
+# ---------------------------------------------------------------------------------------------------- source
+
+
+def _is_local(name: str) -> bool:
+    return name.startswith(("/", ".", "~")) or Path(name).expanduser().exists() or name.count("/") > 1
+
+
+def _hub_failure(name: str, exc: BaseException) -> UserError:
+    """Turn the hub's exception chain into one actionable line."""
+    from huggingface_hub import errors as hub_errors
+
+    chain, cause = [], exc
+    while cause is not None and len(chain) < 10:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    kinds = tuple(type(c) for c in chain)
+    if any(issubclass(k, hub_errors.GatedRepoError) for k in kinds) or "gated repo" in str(exc):
+        return UserError(f"--model_name {name} is a gated model: {LOGIN_HINT}")
+    if any(
+        issubclass(k, hub_errors.RepositoryNotFoundError) for k in kinds
+    ) or "not a valid model identifier" in str(exc):
+        return UserError(
+            f"--model_name {name}: no such local directory or hub model (a private model needs `hf auth login`)"
+        )
+    if any(
+        issubclass(k, (hub_errors.LocalEntryNotFoundError, hub_errors.OfflineModeIsEnabled)) for k in kinds
+    ):
+        return UserError(
+            f"--model_name {name} is not in the local Hugging Face cache and the hub cannot be reached; "
+            + OFFLINE_HINT.format(name=name)
+        )
+    return UserError(f"--model_name {name}: cannot load its configuration ({str(exc).splitlines()[0]})")
+
+
+def load_model_config(name: str):
+    """The model's config; the first thing loaded, so it also validates --model_name."""
+    from transformers import AutoConfig
+
+    if _is_local(name):
+        path = Path(name).expanduser()
+        if not path.is_dir():
+            raise UserError(f"--model_name {name}: no such directory")
+        if not (path / "config.json").is_file():
+            raise UserError(
+                f"--model_name {name}: the directory has no config.json (is it a model directory?)"
+            )
+    try:
+        return AutoConfig.from_pretrained(os.path.expanduser(name))
+    except (OSError, ValueError) as exc:
+        raise _hub_failure(name, exc) from None
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(name))
+    except (OSError, ValueError) as exc:
+        raise _hub_failure(name, exc) from None
+    if not tokenizer.is_fast:
+        raise UserError(
+            f"--model_name {name}: needs a fast (tokenizer.json) tokenizer for response-only masking"
+        )
+    if tokenizer.pad_token is None:
+        # Llama 3 has no pad token. Padding positions are masked out of attention and loss, so any id works.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+# ---------------------------------------------------------------------------------------------------- device
+
+
+@dataclass(frozen=True)
+class Placement:
+    device: str  # "cuda" or "cpu"
+    dtype: torch.dtype
+    local_rank: int
+
+    @property
+    def mixed_precision(self) -> str | None:
+        """Trainer's bf16/fp16 switch: autocast only on GPUs (bf16 autocast on CPU is slower than fp32)."""
+        if self.device != "cuda":
+            return None
+        return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.dtype)
+
+
+def placement(cfg: TrainConfig) -> Placement:
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        if cfg.dtype == "auto":
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        else:
+            dtype = getattr(torch, cfg.dtype)
+        return Placement("cuda", dtype, local_rank)
+    return Placement("cpu", torch.float32 if cfg.dtype == "auto" else getattr(torch, cfg.dtype), local_rank)
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+
+
+def is_prequantized(model_config) -> bool:
+    quant = getattr(model_config, "quantization_config", None)
+    return quant is not None
+
+
+def check_bitsandbytes(device: str) -> None:
+    """QLoRA needs bitsandbytes' 4-bit kernels on this device; find out before loading gigabytes."""
+    try:
+        import bitsandbytes.functional as bnbf
+    except Exception as exc:  # ImportError, or a RuntimeError from a broken native library
+        raise UserError(f"QLoRA needs bitsandbytes, which cannot be imported here ({exc})") from None
+    try:
+        probe = torch.randn(64, 64, device=device)
+        packed, state = bnbf.quantize_4bit(probe, quant_type="nf4")
+        bnbf.dequantize_4bit(packed, state)
+    except Exception as exc:
+        raise UserError(
+            f"QLoRA: bitsandbytes cannot run 4-bit quantization on {device} ({str(exc).splitlines()[0]}); "
+            "use a newer bitsandbytes, or the LoRA playbook"
+        ) from None
+
+
+def _quantization_config(cfg: TrainConfig, model_config, place: Placement):
+    if cfg.method != "qlora" or is_prequantized(model_config):
+        return None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=place.dtype,
+        bnb_4bit_quant_storage=place.dtype,  # lets FSDP shard the 4-bit weights alongside the others
+    )
+
+
+def lora_config(cfg: TrainConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=target_modules(cfg),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def _wrap_lora(model, cfg: TrainConfig):
+    from peft import get_peft_model
+
+    try:
+        return get_peft_model(model, lora_config(cfg))
+    except ValueError as exc:  # e.g. a target module name that the model does not have
+        raise UserError(f"--target_modules {cfg.target_modules}: {str(exc).splitlines()[0]}") from None
+
+
+def load_model(cfg: TrainConfig, model_config, place: Placement):
+    """The model ready to train: full weights, LoRA on top, or LoRA on a 4-bit base."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": place.dtype, "attn_implementation": cfg.attn_implementation}
+    quantization = _quantization_config(cfg, model_config, place)
+    if cfg.method == "qlora":
+        check_bitsandbytes(place.device)
+        # 4-bit weights are created on the device at load time; the Trainer cannot move them afterwards.
+        kwargs["device_map"] = {"": f"cuda:{place.local_rank}" if place.device == "cuda" else "cpu"}
+        if quantization is not None:
+            kwargs["quantization_config"] = quantization
+    try:
+        model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(cfg.model_name), **kwargs)
+    except (OSError, ValueError) as exc:
+        raise _hub_failure(cfg.model_name, exc) from None
+    except ImportError as exc:
+        raise UserError(f"--model_name {cfg.model_name}: {str(exc).splitlines()[0]}") from None
+
+    if cfg.method == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.uses_lora:
+            model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks need a grad input
+    if cfg.uses_lora:
+        model = _wrap_lora(model, cfg)
+    model.config.use_cache = False  # the KV cache only costs memory in training
+    return model
+
+
+def count_parameters(cfg: TrainConfig, model_config) -> tuple[int, int]:
+    """(total, trainable) parameters, counted on the meta device: no weights are read or allocated."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config)
+    total = sum(p.numel() for p in model.parameters())
+    if not cfg.uses_lora:
+        return total, total
+    model = _wrap_lora(model, cfg)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable

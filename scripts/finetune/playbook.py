@@ -1,0 +1,100 @@
+"""The flow every playbook script shares: flags → config → tokenizer and data → plan → train → report."""
+
+from __future__ import annotations
+
+import math
+import os
+
+from .config import TrainConfig, parse_config
+from .data import PreparedData, prepare_data
+from .errors import run_cli
+from .memory import estimate_peak, micro_batch_tokens
+from .model import Placement, count_parameters, load_model_config, load_tokenizer, placement
+from .report import plan_text, summary_table
+from .train import is_main_process, prepare_output_dir, train, world_size
+
+
+def _quiet_libraries() -> None:
+    # Library chatter (deprecations, "loading weights" bars) buries the plan and the summary.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+
+
+def optimizer_steps(cfg: TrainConfig, train_examples: int) -> int:
+    """The number of optimizer steps the Trainer will take, computed the way it does."""
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    batches = math.ceil(train_examples / (cfg.batch_size * world_size()))
+    per_epoch = max(batches // cfg.gradient_accumulation_steps, 1)
+    return math.ceil(cfg.num_epochs * per_epoch)
+
+
+def make_plan(cfg: TrainConfig, model_config, data: PreparedData, place: Placement) -> dict:
+    total, trainable = count_parameters(cfg, model_config)
+    batch_tokens = micro_batch_tokens(data.train_stats.lengths, cfg.batch_size, cfg.packing)
+    estimate = estimate_peak(cfg, model_config, total, trainable, place.dtype, place.device, batch_tokens)
+    stats = data.train_stats
+    return {
+        "model_name": cfg.model_name,
+        "model_config": model_config,
+        "method": cfg.method,
+        "dtype": str(place.dtype).removeprefix("torch."),
+        "device": place.device,
+        "parameters": total,
+        "trainable_parameters": trainable,
+        "dataset": data.source,
+        "dataset_format": stats.format,
+        "train_examples": len(data.train),
+        "train_tokens": stats.tokens,
+        "trainable_tokens": stats.trainable_tokens,
+        "eval_examples": len(data.eval),
+        "dropped": stats.dropped + (data.eval_stats.dropped if data.eval_stats else 0),
+        "truncated": stats.truncated + (data.eval_stats.truncated if data.eval_stats else 0),
+        "seq_length": cfg.seq_length,
+        "steps": optimizer_steps(cfg, len(data.train)),
+        "examples_per_step": cfg.batch_size * cfg.gradient_accumulation_steps * world_size(),
+        "packing": cfg.packing,
+        "micro_batch_tokens": batch_tokens,
+        "memory_estimate": estimate.as_dict(),
+        "output_dir": cfg.output_dir,
+        "data": {
+            "source": data.source,
+            "format": stats.format,
+            "train_examples": len(data.train),
+            "eval_examples": len(data.eval),
+            "train_tokens": stats.tokens,
+            "trainable_tokens": stats.trainable_tokens,
+            "truncated": stats.truncated,
+            "dropped": stats.dropped,
+        },
+    }
+
+
+def run(cfg: TrainConfig) -> dict | None:
+    model_config = load_model_config(cfg.model_name)
+    tokenizer = load_tokenizer(cfg.model_name)
+    data = prepare_data(cfg, tokenizer)
+    place = placement(cfg)
+    plan = make_plan(cfg, model_config, data, place)
+    if is_main_process():
+        print(plan_text(plan), flush=True)
+    if cfg.dry_run:
+        return None
+    resume_from = prepare_output_dir(cfg)
+    metrics = train(cfg, tokenizer, data, place, resume_from, plan)
+    if is_main_process():
+        print(summary_table(metrics), flush=True)
+    return metrics
+
+
+def main(argv: list[str] | None = None, *, prog: str, description: str, defaults: dict) -> None:
+    """Entry point of a playbook script: its defaults, then the shared flow, with errors as one line."""
+
+    def go():
+        cfg = parse_config(argv, prog=prog, description=description, defaults=defaults)
+        _quiet_libraries()
+        run(cfg)
+
+    run_cli(go)

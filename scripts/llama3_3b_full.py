@@ -1,0 +1,21 @@
+#!/usr/bin/env python3
+"""Full fine-tuning of Llama 3.2 3B Instruct (the DGX Spark playbook's defaults).
+
+python llama3_3b_full.py --dataset data.jsonl --output_dir out/3b-full
+"""
+
+from finetune.playbook import main
+
+DEFAULTS = {
+    "method": "full",
+    "model_name": "meta-llama/Llama-3.2-3B-Instruct",
+    "learning_rate": 5e-5,
+    "batch_size": 8,
+    "seq_length": 2048,
+    "num_epochs": 1.0,
+    "gradient_checkpointing": False,
+    "output_dir": "outputs/llama3-3b-full",
+}
+
+if __name__ == "__main__":
+    main(prog="llama3_3b_full.py", description=__doc__.splitlines()[0], defaults=DEFAULTS)

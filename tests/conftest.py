@@ -1,0 +1,72 @@
+"""Shared fixtures: the tiny model (built once), the shipped data, and a runner for the playbook scripts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = ROOT / "scripts"
+DATA = ROOT / "tests" / "data"
+sys.path.insert(0, str(SCRIPTS))
+
+PLAYBOOKS = {
+    # script → the file that proves the trained weights were saved
+    "llama3_8b_lora.py": "adapter_model.safetensors",
+    "llama3_3b_full.py": "model.safetensors",
+    "llama3_70b_qlora.py": "adapter_model.safetensors",
+}
+
+# Small, fast settings for the tiny model; each test adds what it is about.
+FAST = ["--batch_size", "4", "--seq_length", "256", "--logging_steps", "2", "--save_steps", "1000"]
+
+
+def offline_env(home: Path) -> dict:
+    env = dict(os.environ)
+    env.update(
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_HOME=str(home / "hf"),
+        PYTHONUNBUFFERED="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from finetune.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def run_script(tmp_path_factory):
+    """Run a playbook script as a user would: `python scripts/<name>.py ...`, offline, from another directory."""
+    home = tmp_path_factory.mktemp("home")
+
+    def run(script: str, *args: str, check: bool = False, timeout: int = 300) -> subprocess.CompletedProcess:
+        result = subprocess.run(
+            [sys.executable, str(SCRIPTS / script), *map(str, args)],
+            cwd=home,
+            env=offline_env(home),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"{script} exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        return result
+
+    return run
+
+
+def read_metrics(output_dir: Path) -> dict:
+    return json.loads((output_dir / "metrics.json").read_text())
