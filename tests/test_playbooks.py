@@ -49,7 +49,9 @@ def test_playbook_trains_saves_and_reports(script, tiny_model, run_script, tmp_p
     base = AutoModelForCausalLM.from_pretrained(tiny_model)
     trained = _load_trained(script, final, tiny_model)
     prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "Name a primary colour."}], add_generation_prompt=True, return_tensors="pt"
+        [{"role": "user", "content": "Name a primary colour."}],
+        add_generation_prompt=True,
+        return_tensors="pt",
     )
     input_ids = prompt["input_ids"] if hasattr(prompt, "keys") else prompt
     with torch.no_grad():
@@ -63,7 +65,9 @@ def test_qlora_loads_the_base_in_4bit(tiny_model):
     from finetune.config import TrainConfig
     from finetune.model import load_model, load_model_config, placement
 
-    cfg = TrainConfig(method="qlora", model_name=str(tiny_model), output_dir="unused", gradient_checkpointing=True)
+    cfg = TrainConfig(
+        method="qlora", model_name=str(tiny_model), output_dir="unused", gradient_checkpointing=True
+    )
     model = load_model(cfg, load_model_config(cfg.model_name), placement(cfg))
     four_bit = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(four_bit) == 2 * 7, "every attention and MLP projection of both layers is 4-bit"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -154,6 +155,8 @@ def _spellings(name: str, prefix: str = "") -> list[str]:
 def _build_parser(prog: str, description: str, defaults: dict) -> argparse.ArgumentParser:
     # SUPPRESS as every flag's default tells given flags apart from defaults, which YAML precedence needs.
     parser = argparse.ArgumentParser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
+    # Let `--learning_rate -1e-4` reach validation (a clear message) instead of argparse's "expected one argument".
+    parser._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
     types_ = _field_types()
     for f in flag_fields():
         default = defaults.get(f.name, f.default)

@@ -10,8 +10,9 @@ from .data import PreparedData, prepare_data
 from .errors import run_cli
 from .memory import estimate_peak, micro_batch_tokens
 from .model import Placement, count_parameters, load_model_config, load_tokenizer, placement
+from .outputs import is_main_process, prepare_output_dir
 from .report import plan_text, summary_table
-from .train import is_main_process, prepare_output_dir, train, world_size
+from .train import train, world_size
 
 
 def _quiet_libraries() -> None:

@@ -1,42 +1,24 @@
-"""Training: the output directory's life cycle, the Trainer, signals, resume, and atomic final artefacts.
-
-Layout of an output directory:
-    run.json          the settings that identify the run (a different run is refused, the same one resumed)
-    checkpoints/      checkpoint-N/ every --save_steps and on SIGINT/SIGTERM
-    logs/             TensorBoard event files
-    final/            the adapter or full model with its tokenizer, swapped in whole when training finishes
-    metrics.json      loss, eval loss, perplexity, throughput, peak memory, configuration, versions
-"""
+"""Training: the Trainer with throughput and per-step loss, save-and-stop on signals, metrics at the end."""
 
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
-import shutil
 import signal
 import time
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from .config import TrainConfig
 from .data import Collator, PreparedData, real_tokens
-from .errors import EXIT_SIGINT, EXIT_SIGTERM, Interrupted, UserError
+from .errors import EXIT_SIGINT, EXIT_SIGTERM, Interrupted
 from .model import Placement, load_model
+from .outputs import CHECKPOINTS, METRICS, RUN_FILE, is_main_process, save_final
 from .report import peak_memory_bytes, perplexity, versions, write_json_atomic
 
-RUN_FILE = "run.json"
-CHECKPOINTS = "checkpoints"
-FINAL = "final"
-METRICS = "metrics.json"
 STEP_LOSS = "step_loss"  # per-step entries in the trainer's log history, which checkpoints keep
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def world_size() -> int:
@@ -47,78 +29,13 @@ def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-# ---------------------------------------------------------------------------------------------------- output dir
-
-
-def _describe_difference(old: dict, new: dict) -> str:
-    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    return ", ".join(f"{k} {old.get(k)!r} → {new.get(k)!r}" for k in keys[:4]) + (
-        " …" if len(keys) > 4 else ""
-    )
-
-
-def prepare_output_dir(cfg: TrainConfig) -> str | None:
-    """Refuse a directory that holds something else; return the checkpoint to resume from, if any."""
-    out = Path(cfg.output_dir).expanduser()
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output_dir {out}: exists and is not a directory")
-    run_file = out / RUN_FILE
-    occupied = out.is_dir() and any(out.iterdir())
-    same_run = False
-    if occupied and run_file.is_file():
-        previous = json.loads(run_file.read_text())
-        same_run = previous == cfg.identity()
-        if not same_run and not cfg.overwrite_output_dir:
-            raise UserError(
-                f"--output_dir {out} holds a different run ({_describe_difference(previous, cfg.identity())}); "
-                "choose another directory or pass --overwrite_output_dir to replace it"
-            )
-    elif occupied and not cfg.overwrite_output_dir:
-        raise UserError(
-            f"--output_dir {out} is not empty and holds no run of these scripts; "
-            "choose another directory or pass --overwrite_output_dir"
-        )
-
-    if cfg.overwrite_output_dir and is_main_process():
-        # Old checkpoints belong to another run (or the user asked to start over): never resume from them.
-        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
-        same_run = False
-
-    if cfg.resume not in ("auto", "never"):
-        checkpoint = Path(cfg.resume).expanduser()
-        if not (checkpoint / "trainer_state.json").is_file():
-            raise UserError(f"--resume {cfg.resume}: not a checkpoint directory (no trainer_state.json)")
-        return str(checkpoint)
-    if cfg.resume == "auto" and same_run and (out / CHECKPOINTS).is_dir():
-        return get_last_checkpoint(str(out / CHECKPOINTS))
-    return None
-
-
-def _swap_in(tmp: Path, final: Path) -> None:
-    """Replace `final` by the complete directory `tmp`; at no point is a partial model at `final`."""
-    old = final.with_name(f".{final.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def save_final(model, tokenizer, out: Path) -> Path:
-    final, tmp = out / FINAL, out / f".{FINAL}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.config.use_cache = True  # turned off for training; generation wants it back
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    _swap_in(tmp, final)
-    return final
-
-
 # ---------------------------------------------------------------------------------------------------- trainer
 
 
-class PlaybookTrainer(Trainer):
-    """Trainer that counts real (non-padding) tokens and keeps each step's loss in the resumable log history."""
+class MeasuredTrainer:
+    """Mixin for a transformers Trainer (or a TRL trainer): counts real (non-padding) tokens and samples, and
+    keeps each step's loss in the log history, which checkpoints save, so a resumed run reports the same loss.
+    """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -126,8 +43,16 @@ class PlaybookTrainer(Trainer):
         self.samples_seen = 0
         self._step_loss: dict[int, float] = {}
 
+    def count_tokens(self, inputs: dict) -> tuple[int, int]:
+        """(real tokens, samples) in one micro-batch."""
+        return real_tokens(inputs)
+
+    def extra_eval_metrics(self, eval_metrics: dict) -> dict:
+        """Metrics beyond eval loss that a trainer adds to metrics.json."""
+        return {}
+
     def training_step(self, model, inputs, num_items_in_batch=None):
-        tokens, samples = real_tokens(inputs)
+        tokens, samples = self.count_tokens(inputs)
         self.tokens_seen += tokens
         self.samples_seen += samples
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -147,10 +72,14 @@ class PlaybookTrainer(Trainer):
         return sum(losses) / len(losses) if losses else None
 
 
+class SFTPlaybookTrainer(MeasuredTrainer, Trainer):
+    pass
+
+
 class StepEndCallback(TrainerCallback):
     """Records step losses, logs the last step, and turns SIGINT/SIGTERM into save-and-stop."""
 
-    def __init__(self, trainer: PlaybookTrainer, device: str):
+    def __init__(self, trainer: MeasuredTrainer, device: str):
         self.trainer = trainer
         self.device = device
         self.signal_received: int | None = None
@@ -247,25 +176,14 @@ def _reduce_mean(value: float | None, device: str) -> float | None:
     return None if value is None else _reduce_sum(value, device) / world_size()
 
 
-def train(
-    cfg: TrainConfig, tokenizer, data: PreparedData, place: Placement, resume_from: str | None, plan: dict
-):
+def run_training(
+    trainer, cfg: TrainConfig, tokenizer, place: Placement, resume_from: str | None, plan: dict
+) -> dict:
+    """Train with `trainer` (a `MeasuredTrainer`), stop cleanly on signals, evaluate, save, and report."""
     out = Path(cfg.output_dir).expanduser()
     if is_main_process():
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out / RUN_FILE, cfg.identity())
-
-    if place.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    model = load_model(cfg, plan["model_config"], place)
-    trainer = PlaybookTrainer(
-        model=model,
-        args=training_arguments(cfg, place, out),
-        train_dataset=data.train,
-        eval_dataset=data.eval or None,
-        data_collator=Collator(tokenizer.pad_token_id, cfg.packing),
-        processing_class=tokenizer,
-    )
     step_end = StepEndCallback(trainer, place.device)
     trainer.add_callback(step_end)
 
@@ -288,7 +206,8 @@ def train(
             code,
         )
 
-    eval_loss = trainer.evaluate()["eval_loss"] if data.eval else None
+    eval_metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
+    eval_loss = eval_metrics.get("eval_loss")
     tokens = _reduce_sum(trainer.tokens_seen, place.device)
     samples = _reduce_sum(trainer.samples_seen, place.device)
     train_loss, first_loss = (
@@ -301,6 +220,7 @@ def train(
         "initial_train_loss": first_loss,
         "eval_loss": eval_loss,
         "eval_perplexity": perplexity(eval_loss),
+        **trainer.extra_eval_metrics(eval_metrics),
         "tokens_per_second": tokens / train_seconds if train_seconds > 0 else None,
         "samples_per_second": samples / train_seconds if train_seconds > 0 else None,
         "train_tokens": int(tokens),
@@ -314,7 +234,7 @@ def train(
         "world_size": world_size(),
         "device": place.device,
         "dtype": str(place.dtype).removeprefix("torch."),
-        "config": {k: v for k, v in vars(cfg).items()},
+        "config": dict(vars(cfg)),
         "data": plan["data"],
         "versions": versions(),
     }
@@ -326,3 +246,22 @@ def train(
     if _distributed():
         torch.distributed.barrier()
     return metrics
+
+
+def train(
+    cfg: TrainConfig, tokenizer, data: PreparedData, place: Placement, resume_from: str | None, plan: dict
+):
+    """Supervised fine-tuning (LoRA, QLoRA or full) on the prepared examples."""
+    if place.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    set_seed(cfg.seed)  # before the adapters are created: their initial weights come from the global RNG
+    model = load_model(cfg, plan["model_config"], place)
+    trainer = SFTPlaybookTrainer(
+        model=model,
+        args=training_arguments(cfg, place, Path(cfg.output_dir).expanduser()),
+        train_dataset=data.train,
+        eval_dataset=data.eval or None,
+        data_collator=Collator(tokenizer.pad_token_id, cfg.packing),
+        processing_class=tokenizer,
+    )
+    return run_training(trainer, cfg, tokenizer, place, resume_from, plan)

@@ -1,0 +1,103 @@
+"""The output directory's life cycle: which run it holds, where to resume from, and atomic final artefacts.
+
+Layout of an output directory:
+    run.json          the settings that identify the run (a different run is refused, the same one resumed)
+    checkpoints/      checkpoint-N/ every --save_steps and on SIGINT/SIGTERM
+    logs/             TensorBoard event files
+    final/            the adapter or full model with its tokenizer, swapped in whole when training finishes
+    metrics.json      loss, eval loss, perplexity, throughput, peak memory, configuration, versions
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from transformers.trainer_utils import get_last_checkpoint
+
+from .config import TrainConfig
+from .errors import UserError
+
+RUN_FILE = "run.json"
+CHECKPOINTS = "checkpoints"
+FINAL = "final"
+METRICS = "metrics.json"
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _describe_difference(old: dict, new: dict) -> str:
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return ", ".join(f"{k} {old.get(k)!r} → {new.get(k)!r}" for k in keys[:4]) + (
+        " …" if len(keys) > 4 else ""
+    )
+
+
+def prepare_output_dir(cfg: TrainConfig) -> str | None:
+    """Refuse a directory that holds something else; return the checkpoint to resume from, if any."""
+    out = Path(cfg.output_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output_dir {out}: exists and is not a directory")
+    run_file = out / RUN_FILE
+    occupied = out.is_dir() and any(out.iterdir())
+    same_run = False
+    if occupied and run_file.is_file():
+        previous = json.loads(run_file.read_text())
+        same_run = previous == cfg.identity()
+        if not same_run and not cfg.overwrite_output_dir:
+            raise UserError(
+                f"--output_dir {out} holds a different run ({_describe_difference(previous, cfg.identity())}); "
+                "choose another directory or pass --overwrite_output_dir to replace it"
+            )
+    elif occupied and not cfg.overwrite_output_dir:
+        raise UserError(
+            f"--output_dir {out} is not empty and holds no run of these scripts; "
+            "choose another directory or pass --overwrite_output_dir"
+        )
+
+    if cfg.overwrite_output_dir and is_main_process():
+        # Old checkpoints belong to another run (or the user asked to start over): never resume from them.
+        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+        same_run = False
+
+    if cfg.resume not in ("auto", "never"):
+        checkpoint = Path(cfg.resume).expanduser()
+        if not (checkpoint / "trainer_state.json").is_file():
+            raise UserError(f"--resume {cfg.resume}: not a checkpoint directory (no trainer_state.json)")
+        return str(checkpoint)
+    if cfg.resume == "auto" and same_run and (out / CHECKPOINTS).is_dir():
+        return get_last_checkpoint(str(out / CHECKPOINTS))
+    return None
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Put the complete directory `new` at `target`, replacing what was there.
+
+    Two renames (a non-empty directory cannot be replaced in one): the old directory goes aside first and
+    comes back if the second rename fails, so `target` never holds a partial result.
+    """
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        target.rename(old)
+    try:
+        new.rename(target)
+    except BaseException:
+        if old.exists():
+            old.rename(target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_final(model, tokenizer, out: Path) -> Path:
+    final, tmp = out / FINAL, out / f".{FINAL}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.config.use_cache = True  # turned off for training; generation wants it back
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    replace_dir(tmp, final)
+    return final

@@ -1,0 +1,178 @@
+"""Data formats, detection, rendering, response-only masking, loaders and padding-free packing."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import DATA
+from finetune.config import TrainConfig
+from finetune.data import (
+    IGNORE_INDEX,
+    Collator,
+    build_examples,
+    detect_format,
+    load_rows,
+    prepare_data,
+    real_tokens,
+    render,
+    to_example,
+    tokenize,
+)
+from finetune.model import load_tokenizer
+from transformers import AutoModelForCausalLM
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model):
+    return load_tokenizer(str(tiny_model))
+
+
+@pytest.fixture(scope="module")
+def plain_tokenizer(tokenizer):
+    """The same tokenizer without a chat template: conversations fall back to the Alpaca prompt."""
+    plain = copy.deepcopy(tokenizer)
+    plain.chat_template = None
+    return plain
+
+
+def _config(**overrides) -> TrainConfig:
+    return TrainConfig(**{"model_name": "tiny", "output_dir": "unused", "seq_length": 512, **overrides})
+
+
+def _loss_text(tokenizer, example: dict) -> str:
+    return tokenizer.decode(
+        [t for t, label in zip(example["input_ids"], example["labels"], strict=True) if label != IGNORE_INDEX]
+    )
+
+
+@pytest.mark.parametrize(
+    ("file", "expected"),
+    [
+        ("alpaca.jsonl", "alpaca"),
+        ("messages.jsonl", "messages"),
+        ("sharegpt.jsonl", "sharegpt"),
+        ("text.jsonl", "text"),
+    ],
+)
+def test_formats_are_detected_from_columns(file, expected):
+    rows = load_rows(str(DATA / file))
+    assert detect_format(rows, "auto", file) == expected
+
+
+def test_sharegpt_roles_become_chat_roles():
+    rows = load_rows(str(DATA / "sharegpt.jsonl"))
+    roles = {m["role"] for row in rows for m in to_example(row, "sharegpt")}
+    assert roles <= {"system", "user", "assistant"} and "assistant" in roles
+
+
+def test_chat_masking_keeps_only_assistant_turns(tokenizer):
+    rows = load_rows(str(DATA / "messages.jsonl"))
+    for row in rows:
+        messages = to_example(row, "messages")
+        example = tokenize(tokenizer, *render(tokenizer, messages), train_on_prompt=False)
+        expected = "".join(m["content"].strip() + "<|eot_id|>" for m in messages if m["role"] == "assistant")
+        assert _loss_text(tokenizer, example).replace(" ", "") == expected.replace(" ", ""), row.where
+
+
+def test_multi_turn_masks_every_assistant_turn(tokenizer):
+    multi = next(
+        r
+        for r in load_rows(str(DATA / "messages.jsonl"))
+        if sum(m["role"] == "assistant" for m in r.values["messages"]) > 1
+    )
+    messages = to_example(multi, "messages")
+    text = _loss_text(tokenizer, tokenize(tokenizer, *render(tokenizer, messages), train_on_prompt=False))
+    for m in messages:
+        assert (m["content"].strip() in text) == (m["role"] == "assistant")
+
+
+def test_alpaca_without_chat_template_uses_the_alpaca_prompt(plain_tokenizer):
+    row = next(r for r in load_rows(str(DATA / "alpaca.jsonl")) if r.values["input"])
+    text, spans = render(plain_tokenizer, to_example(row, "alpaca"))
+    assert "### Instruction:\n" + row.values["instruction"] in text
+    assert "### Input:\n" + row.values["input"] in text and "### Response:\n" in text
+    example = tokenize(plain_tokenizer, text, spans, train_on_prompt=False)
+    assert (
+        _loss_text(plain_tokenizer, example).strip()
+        == row.values["output"].strip() + plain_tokenizer.eos_token
+    )
+
+
+def test_train_on_prompt_and_text_rows_train_on_everything(tokenizer):
+    rows = load_rows(str(DATA / "alpaca.jsonl"))[:4]
+    examples, _ = build_examples(rows, "alpaca", tokenizer, _config(train_on_prompt=True))
+    for example in examples:
+        assert example["labels"][0] == IGNORE_INDEX and example["labels"][1:] == example["input_ids"][1:]
+    text_rows = load_rows(str(DATA / "text.jsonl"))[:4]
+    examples, _ = build_examples(text_rows, "text", tokenizer, _config())
+    assert all(e["labels"][1:] == e["input_ids"][1:] for e in examples)
+
+
+def test_long_examples_are_truncated_and_promptless_ones_dropped(tokenizer):
+    rows = load_rows(str(DATA / "alpaca.jsonl"))
+    lengths = [
+        len(tokenize(tokenizer, *render(tokenizer, to_example(r, "alpaca")), False)["input_ids"])
+        for r in rows
+    ]
+    limit = sorted(lengths)[len(lengths) // 2]
+    examples, stats = build_examples(rows, "alpaca", tokenizer, _config(seq_length=limit))
+    assert all(len(e["input_ids"]) <= limit for e in examples)
+    assert stats.truncated == sum(n > limit for n in lengths)
+    assert stats.dropped + len(examples) == len(rows)
+
+
+def test_eval_split_is_held_out_and_reproducible(tokenizer):
+    cfg = _config(dataset=str(DATA / "alpaca.jsonl"), eval_split=0.25)
+    first, second = prepare_data(cfg, tokenizer), prepare_data(cfg, tokenizer)
+    assert len(first.eval) == 12 and len(first.train) + len(first.eval) == 48
+    assert [e["input_ids"] for e in first.eval] == [e["input_ids"] for e in second.eval]
+    train_ids = {tuple(e["input_ids"]) for e in first.train}
+    assert not any(tuple(e["input_ids"]) in train_ids for e in first.eval)
+
+
+def test_json_csv_parquet_and_directories_load_the_same_rows(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [r.values for r in load_rows(str(DATA / "alpaca.jsonl"))]
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "rows.parquet")
+    import csv
+
+    with (tmp_path / "rows.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    for name in ("rows.json", "rows.parquet", "rows.csv"):
+        assert [r.values for r in load_rows(str(tmp_path / name))] == rows, name
+    assert len(load_rows(str(tmp_path))) == 3 * len(rows)
+
+
+def test_packed_batches_restart_positions_and_mask_boundaries():
+    features = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8, 9], "labels": [-100, 9]}]
+    packed = Collator(pad_token_id=0, packing=True)(features)
+    assert packed["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    assert packed["labels"].tolist() == [[-100, 6, 7, -100, 9]]
+    assert real_tokens(packed) == (5, 2)
+    padded = Collator(pad_token_id=0, packing=False)(features)
+    assert padded["input_ids"].tolist() == [[5, 6, 7], [8, 9, 0]]
+    assert real_tokens(padded) == (5, 2)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_examples_do_not_attend_to_each_other(tiny_model, tokenizer, attention):
+    """Padding-free packing is exact: each packed example gets the logits and loss it gets on its own."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=attention).eval()
+    rows = load_rows(str(DATA / "alpaca.jsonl"))[:3]
+    examples, _ = build_examples(rows, "alpaca", tokenizer, _config())
+    packed = Collator(tokenizer.pad_token_id, packing=True)(examples)
+    padded = Collator(tokenizer.pad_token_id, packing=False)(examples)
+    with torch.no_grad():  # use_cache=False as in training: with a KV cache transformers cannot unpack
+        packed_out = model(**packed, use_cache=False)
+        padded_out = model(**padded, use_cache=False)
+        alone = [model(torch.tensor([e["input_ids"]]), use_cache=False).logits[0] for e in examples]
+    torch.testing.assert_close(packed_out.logits[0], torch.cat(alone), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(packed_out.loss, padded_out.loss, atol=1e-5, rtol=1e-5)
