@@ -112,6 +112,9 @@ class TrainConfig:
     def uses_default_dataset(self) -> bool:
         return not self.dataset
 
+    def validate(self) -> None:
+        """Checks a subclass adds to `validate` below (which every config gets)."""
+
     def identity(self) -> dict:
         """The settings that make two invocations the same run (for resuming and for refusing a foreign output)."""
         skip = {
@@ -122,6 +125,7 @@ class TrainConfig:
             "log_dir",
             "config",
             "dry_run",
+            "force",
             "save_steps",
             "save_total_limit",
             "max_steps",
@@ -129,20 +133,19 @@ class TrainConfig:
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
 
-def flag_fields() -> list[dataclasses.Field]:
-    return [f for f in dataclasses.fields(TrainConfig) if f.metadata.get("flag", True)]
+def flag_fields(config_class: type = TrainConfig) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(config_class) if f.metadata.get("flag", True)]
 
 
-def _base_type(annotation) -> type:
-    """`int | None` → int; the dataclass is written with `from __future__ import annotations`."""
-    hint = typing.get_type_hints(TrainConfig)[annotation] if isinstance(annotation, str) else annotation
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        return next(a for a in typing.get_args(hint) if a is not type(None))
-    return hint
+def _field_types(config_class: type) -> dict[str, type]:
+    """Each field's type, `int | None` read as int (the dataclasses use `from __future__ import annotations`)."""
 
+    def base(hint) -> type:
+        if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+            return next(a for a in typing.get_args(hint) if a is not type(None))
+        return hint
 
-def _field_types() -> dict[str, type]:
-    return {f.name: _base_type(f.name) for f in dataclasses.fields(TrainConfig)}
+    return {name: base(hint) for name, hint in typing.get_type_hints(config_class).items()}
 
 
 def _spellings(name: str, prefix: str = "") -> list[str]:
@@ -152,13 +155,13 @@ def _spellings(name: str, prefix: str = "") -> list[str]:
     return list(dict.fromkeys([snake, dashed]))
 
 
-def _build_parser(prog: str, description: str, defaults: dict) -> argparse.ArgumentParser:
+def _build_parser(prog: str, description: str, defaults: dict, config_class: type) -> argparse.ArgumentParser:
     # SUPPRESS as every flag's default tells given flags apart from defaults, which YAML precedence needs.
     parser = argparse.ArgumentParser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
     # Let `--learning_rate -1e-4` reach validation (a clear message) instead of argparse's "expected one argument".
     parser._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
-    types_ = _field_types()
-    for f in flag_fields():
+    types_ = _field_types(config_class)
+    for f in flag_fields(config_class):
         default = defaults.get(f.name, f.default)
         if types_[f.name] is bool:
             state = "on" if default else "off"
@@ -176,7 +179,7 @@ def _build_parser(prog: str, description: str, defaults: dict) -> argparse.Argum
     return parser
 
 
-def _read_yaml(path: str) -> dict:
+def _read_yaml(path: str, config_class: type) -> dict:
     import yaml
 
     file = Path(path).expanduser()
@@ -190,12 +193,12 @@ def _read_yaml(path: str) -> dict:
         raise UserError(f"{path}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping of option names to values")
-    known = {f.name for f in flag_fields()} - {"config"}
+    known = {f.name for f in flag_fields(config_class)} - {"config"}
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
     unknown = sorted(set(data) - known)
     if unknown:
         raise UserError(f"{path}: unknown option(s) {', '.join(unknown)}; see --help for the valid names")
-    types_ = _field_types()
+    types_ = _field_types(config_class)
     for key, value in data.items():
         expected = types_[key]
         if value is None and key in ("dataset_size",):
@@ -209,16 +212,22 @@ def _read_yaml(path: str) -> dict:
     return data
 
 
-def parse_config(argv: list[str] | None, *, prog: str, description: str, defaults: dict) -> TrainConfig:
-    """Parse flags (and an optional YAML file) on top of a playbook's defaults, then validate."""
-    parser = _build_parser(prog, description, defaults)
+def parse_config(
+    argv: list[str] | None, *, prog: str, description: str, defaults: dict, config_class: type = TrainConfig
+):
+    """Parse flags (and an optional YAML file) on top of a playbook's defaults, then validate.
+
+    `config_class` is TrainConfig or a subclass adding fields (and checks, in its `validate` method).
+    """
+    parser = _build_parser(prog, description, defaults, config_class)
     given = vars(parser.parse_args(argv))
     values = dict(defaults)
     if given.get("config"):
-        values.update(_read_yaml(given["config"]))
+        values.update(_read_yaml(given["config"], config_class))
     values.update(given)
-    cfg = TrainConfig(**values)
+    cfg = config_class(**values)
     validate(cfg)
+    cfg.validate()
     return cfg
 
 

@@ -90,12 +90,22 @@ def run(cfg: TrainConfig) -> dict | None:
     return metrics
 
 
-def main(argv: list[str] | None = None, *, prog: str, description: str, defaults: dict) -> None:
-    """Entry point of a playbook script: its defaults, then the shared flow, with errors as one line."""
+def main(
+    argv: list[str] | None = None,
+    *,
+    prog: str,
+    description: str,
+    defaults: dict,
+    config_class: type = TrainConfig,
+    runner=None,
+) -> None:
+    """Entry point of a playbook script: its defaults, then the shared flow (or `runner`), errors as one line."""
 
     def go():
-        cfg = parse_config(argv, prog=prog, description=description, defaults=defaults)
+        cfg = parse_config(
+            argv, prog=prog, description=description, defaults=defaults, config_class=config_class
+        )
         _quiet_libraries()
-        run(cfg)
+        (runner or run)(cfg)
 
     run_cli(go)
