@@ -117,3 +117,33 @@ def test_demo_runs_every_playbook_offline(tmp_path):
     assert result.stdout.count("tokens/s") == 3 and "all 3 playbooks trained" in result.stdout
     for name in ("llama3_8b_lora", "llama3_3b_full", "llama3_70b_qlora"):
         assert (tmp_path / name / "metrics.json").is_file()
+
+
+def test_training_works_without_tensorboard(monkeypatch, tiny_model, tmp_path):
+    import finetune.train
+
+    out = tmp_path / "out"
+    args = [
+        "--model_name",
+        tiny_model,
+        "--dataset",
+        DATA / "text.jsonl",
+        "--output_dir",
+        out,
+        "--max_steps",
+        "2",
+    ]
+    monkeypatch.setattr(finetune.train, "_tensorboard_available", lambda: False)
+    main([str(a) for a in [*args, *FAST]], prog="test", description="test", defaults=llama3_3b_full.DEFAULTS)
+    assert (out / "final" / "model.safetensors").is_file() and not (out / "logs").exists()
+
+    monkeypatch.undo()
+    main(
+        [str(a) for a in [*args, *FAST, "--overwrite_output_dir"]],
+        prog="t",
+        description="t",
+        defaults=llama3_3b_full.DEFAULTS,
+    )
+    assert list((out / "logs").rglob("events.out.tfevents.*")), (
+        "TensorBoard logs are written when it is installed"
+    )

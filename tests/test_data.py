@@ -176,3 +176,12 @@ def test_packed_examples_do_not_attend_to_each_other(tiny_model, tokenizer, atte
         alone = [model(torch.tensor([e["input_ids"]]), use_cache=False).logits[0] for e in examples]
     torch.testing.assert_close(packed_out.logits[0], torch.cat(alone), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(packed_out.loss, padded_out.loss, atol=1e-5, rtol=1e-5)
+
+
+def test_separate_eval_dataset_replaces_the_split(tokenizer):
+    cfg = _config(
+        dataset=str(DATA / "alpaca.jsonl"), eval_dataset=str(DATA / "messages.jsonl"), eval_split=0.5
+    )
+    data = prepare_data(cfg, tokenizer)
+    assert len(data.train) == 48 and len(data.eval) == 24
+    assert data.eval_stats.format == "messages"
