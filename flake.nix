@@ -79,10 +79,27 @@
               program = lib.getExe program;
             };
 
-          # Runs a playbook script for a few steps on the tiny model and the shipped data, on the
-          # CPU, offline; fails unless it exits 0 and leaves its expected outputs and metrics.json.
+          # Runs a script's smoke commands (scripts.nix) on the tiny model and the shipped data, on the
+          # CPU, offline, in an empty directory; fails unless each exits 0 and the expected files exist.
           smokeFor =
             playbook:
+            let
+              substitute =
+                builtins.replaceStrings
+                  [
+                    "@scripts@"
+                    "@script@"
+                    "@model@"
+                    "@data@"
+                  ]
+                  [
+                    "${scripts}/scripts"
+                    playbook.path
+                    "${tinyModel}"
+                    "${scripts}/tests/data"
+                  ];
+              commandLine = args: "python ${lib.escapeShellArgs (map substitute args)}";
+            in
             cpu.runCommand "smoke-${playbook.name}"
               {
                 nativeBuildInputs = [ cpu.llm-finetune-python ];
@@ -91,26 +108,20 @@
                 export HOME="$TMPDIR" PYTHONDONTWRITEBYTECODE=1
                 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
                 export HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false
-                run="$TMPDIR/run"
+                mkdir "$TMPDIR/smoke"
+                cd "$TMPDIR/smoke"
 
-                python ${playbook.path} \
-                  --model_name ${tinyModel} \
-                  --dataset ${scripts}/tests/data/alpaca.jsonl \
-                  --output_dir "$run" \
-                  --max_steps 2 \
-                  --batch_size 2 \
-                  --seq_length 128 \
-                  --eval_split 0.2
+                ${lib.concatMapStringsSep "\n" commandLine playbook.smoke}
 
-                for expected in ${lib.escapeShellArgs (playbook.expects ++ [ "metrics.json" ])}; do
-                  if [ ! -s "$run/$expected" ]; then
+                for expected in ${lib.escapeShellArgs playbook.expects}; do
+                  if [ ! -s "$expected" ]; then
                     echo "smoke-${playbook.name}: missing $expected; the run left:" >&2
-                    find "$run" >&2
+                    find . >&2
                     exit 1
                   fi
                 done
                 mkdir -p "$out"
-                cp "$run/metrics.json" "$out/"
+                find . -maxdepth 2 -name '*.json' -exec cp --parents {} "$out/" \;
               '';
 
           # The repository's Python side, for the test and lint checks (tests/test_flake.py also

@@ -55,6 +55,27 @@ let
       pythonRelaxDeps = (old.pythonRelaxDeps or [ ]) ++ [ "tokenizers" ];
     });
 
+    # With transformers 5.5, nixpkgs' trl 0.25.1 cannot import DPOTrainer (transformers 5 returns a
+    # tuple from an availability check that trl reads as true, then imports mergekit; its trainers also
+    # write PreTrainedModel.warnings_issued, which transformers 5 removed), and 0.26-0.28 fail too
+    # (weave). 0.29.1, the newest patch release of the first series that works, runs DPO and SFT on
+    # transformers 5.5.4 as is. It requires accelerate >= 1.4.0, datasets >= 3.0.0, packaging > 20.0
+    # and transformers >= 4.56.2, all in nixpkgs at newer versions (rich is no longer needed); the
+    # sdist builds with setuptools >= 77.0.3 and takes its version from its VERSION file.
+    # Hash: sha256 of trl-0.29.1.tar.gz as published on PyPI.
+    trl = pyprev.trl.overridePythonAttrs (old: rec {
+      version = "0.29.1";
+      src = pyfinal.fetchPypi {
+        pname = "trl";
+        inherit version;
+        hash = "sha256-Et9aoi0d6yaULK/fTP119T1xQZQucMTcCWZoejYXgTs=";
+      };
+      dependencies = (old.dependencies or [ ]) ++ [ pyfinal.packaging ];
+      meta = old.meta // {
+        changelog = "https://github.com/huggingface/trl/releases/tag/v${version}";
+      };
+    });
+
     # nixpkgs' bitsandbytes follows torch: `cudaSupport ? torch.cudaSupport` and
     # `cudaPackages ? torch.cudaPackages`, both in passthru. It builds for bitsandbytes' own default
     # architecture list; when a preset narrows `config.cudaCapabilities`, build exactly those, like

@@ -6,14 +6,11 @@ python llama3_3b_full.py --dataset data.jsonl --output_dir out/3b-full
 
 from finetune.playbook import main
 
+# What differs from TrainConfig's defaults, which are the DGX Spark playbook's (see finetune/config.py).
 DEFAULTS = {
     "method": "full",
     "model_name": "meta-llama/Llama-3.2-3B-Instruct",
     "learning_rate": 5e-5,
-    "batch_size": 8,
-    "seq_length": 2048,
-    "num_epochs": 1.0,
-    "gradient_checkpointing": False,
     "output_dir": "outputs/llama3-3b-full",
 }
 

@@ -7,17 +7,10 @@ python llama3_70b_qlora.py --model_name unsloth/Meta-Llama-3.1-70B-Instruct-bnb-
 
 from finetune.playbook import main
 
+# What differs from TrainConfig's defaults, which are the DGX Spark playbook's (see finetune/config.py).
 DEFAULTS = {
     "method": "qlora",
     "model_name": "meta-llama/Llama-3.1-70B-Instruct",
-    "lora_rank": 8,
-    "lora_alpha": 16,
-    "lora_dropout": 0.0,
-    "target_modules": "all-linear",
-    "learning_rate": 1e-4,
-    "batch_size": 8,
-    "seq_length": 2048,
-    "num_epochs": 1.0,
     "gradient_checkpointing": True,
     "output_dir": "outputs/llama3-70b-qlora",
 }

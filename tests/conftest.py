@@ -79,3 +79,23 @@ def run_script(tmp_path_factory):
 
 def read_metrics(output_dir: Path) -> dict:
     return json.loads((output_dir / "metrics.json").read_text())
+
+
+def train_in_process(script_module, *args) -> None:
+    """Run a playbook script's main() in this process (no interpreter start-up), as a user would call it."""
+    from finetune.playbook import main
+
+    main([str(a) for a in args], prog="test", description="test", defaults=script_module.DEFAULTS)
+
+
+@pytest.fixture(scope="session")
+def lora_run(tiny_model, tmp_path_factory) -> Path:
+    """A finished LoRA run of the 8B script on the tiny model, trained hard enough to move the logits."""
+    import llama3_8b_lora
+
+    out = tmp_path_factory.mktemp("lora-run") / "run"
+    train_in_process(
+        llama3_8b_lora, "--model_name", tiny_model, "--dataset", DATA / "alpaca.jsonl", "--output_dir", out,
+        "--max_steps", "12", "--eval_split", "0", "--learning_rate", "2e-2", *FAST,
+    )  # fmt: skip
+    return out

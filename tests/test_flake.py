@@ -22,14 +22,28 @@ SYSTEMS = ("x86_64-linux", "aarch64-linux")
 HOST_DRIVER = REPO / "playbooks" / "pytorch-fine-tune" / "host-driver.sh"
 
 # Mirrors playbooks/pytorch-fine-tune/scripts.nix: app name -> (script, variable, expected outputs).
+TRAINED = ["run/final/adapter_model.safetensors", "run/metrics.json"]
 PLAYBOOKS = {
-    "llama3-8b-lora": ("llama3_8b_lora.py", "LLAMA3_8B_LORA_SCRIPT", ["final/adapter_model.safetensors"]),
-    "llama3-3b-full": ("llama3_3b_full.py", "LLAMA3_3B_FULL_SCRIPT", ["final/model.safetensors"]),
-    "llama3-70b-qlora": (
-        "llama3_70b_qlora.py",
-        "LLAMA3_70B_QLORA_SCRIPT",
-        ["final/adapter_model.safetensors"],
+    "llama3-8b-lora": ("llama3_8b_lora.py", "LLAMA3_8B_LORA_SCRIPT", TRAINED),
+    "llama3-3b-full": (
+        "llama3_3b_full.py",
+        "LLAMA3_3B_FULL_SCRIPT",
+        ["run/final/model.safetensors", "run/metrics.json"],
     ),
+    "llama3-70b-qlora": ("llama3_70b_qlora.py", "LLAMA3_70B_QLORA_SCRIPT", TRAINED),
+    "llama3-8b-dpo": ("llama3_8b_dpo.py", "LLAMA3_8B_DPO_SCRIPT", TRAINED),
+    "export": ("export.py", "EXPORT_SCRIPT", ["merged/model.safetensors", "model.gguf", "Modelfile"]),
+    "evaluate": ("evaluate.py", "EVALUATE_SCRIPT", ["eval.json"]),
+}
+# What each smoke check must run, besides its script on the tiny model (the data it reads, the subcommands).
+SMOKE_NEEDLES = {
+    "llama3-8b-lora": ["tests/data/alpaca.jsonl", "--max_steps"],
+    "llama3-3b-full": ["tests/data/alpaca.jsonl", "--max_steps"],
+    "llama3-70b-qlora": ["tests/data/alpaca.jsonl", "--max_steps"],
+    # DPO goes on from an SFT run's output directory.
+    "llama3-8b-dpo": ["tests/data/alpaca.jsonl", "tests/data/preference.jsonl", "'--model_name' 'sft'"],
+    "export": ["'merge' '--adapter' 'sft'", "'gguf'", "'q8_0'", "'ollama'"],
+    "evaluate": ["'generate'", "'eval'"],
 }
 
 NIX = shutil.which("nix")
@@ -281,13 +295,8 @@ def test_checks_run_each_playbook_script(shells, outputs):
             command = checks.get(f"smoke-{name}")
             assert command is not None, f"checks.{system}.smoke-{name} is missing"
             # The very path the devShell exports, on the tiny model, offline, with a HOME of its own.
-            assert f"python {env[var]} " in command, f"smoke-{name} does not run ${var}"
-            for needle in (
-                f"--model_name {tiny_model}",
-                "tests/data/alpaca.jsonl",
-                "--max_steps",
-                "metrics.json",
-            ):
+            assert f"python '{env[var]}' " in command, f"smoke-{name} does not run ${var}"
+            for needle in (f"'--model_name' '{tiny_model}'", *SMOKE_NEEDLES[name]):
                 assert needle in command, f"smoke-{name} lacks {needle!r}"
             for expected in expects:
                 assert expected in command, f"smoke-{name} does not check for {expected}"
@@ -306,13 +315,16 @@ def test_python_set_fixes_and_cuda_presets(flake):
     summary = flake["eval"](
         "devShells.aarch64-linux",
         "ds: builtins.mapAttrs (_: s: let env = builtins.head s.packages; ps = env.pkgs; in {"
-        " packages = env.packageNames; hub = ps.huggingface-hub.version;"
+        " packages = env.packageNames; hub = ps.huggingface-hub.version; trl = ps.trl.version;"
+        " deps = map (d: d.pname) ps.llm-finetune.dependencies;"
         " relaxed = ps.transformers.pythonRelaxDeps or [ ]; cuda = ps.torch.cudaSupport;"
         " capabilities = ps.torch.cudaCapabilities; bnb = ps.bitsandbytes.cmakeFlags; }) ds",
     )
     for name, shell in summary.items():
         assert "llm-finetune" in shell["packages"] and "pytest" in shell["packages"], name
         assert shell["hub"] == "1.31.0", f"{name}: datasets 5.1.0 needs huggingface-hub >= 1.31"
+        assert shell["trl"] == "0.29.1", f"{name}: DPOTrainer needs trl >= 0.29 with transformers 5.5"
+        assert {"trl", "gguf", "matplotlib"} <= set(shell["deps"]), name
         assert "tokenizers" in shell["relaxed"], name
     assert summary["pytorch-fine-tune-cpu"]["cuda"] is False
     assert summary["pytorch-fine-tune"]["cuda"] is True

@@ -76,7 +76,7 @@ def test_qlora_loads_the_base_in_4bit(tiny_model):
     assert trainable and all("lora_" in n for n in trainable)
 
 
-def test_prequantized_model_is_used_as_is(tiny_model, run_script, tmp_path):
+def test_prequantized_model_is_used_as_is(tiny_model, run_script, tmp_path, capsys):
     """A model saved in 4-bit (like the -bnb-4bit hub repos) trains without being quantized again."""
     from transformers import BitsAndBytesConfig
 
@@ -92,3 +92,16 @@ def test_prequantized_model_is_used_as_is(tiny_model, run_script, tmp_path):
         "--output_dir", out, "--max_steps", "2", "--eval_split", "0", *FAST, check=True,
     )  # fmt: skip
     assert (out / "final" / "adapter_model.safetensors").is_file()
+
+    # Full fine-tuning cannot train 4-bit weights: refused before any data or weights are loaded.
+    import llama3_3b_full
+    from finetune.playbook import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            ["--model_name", str(quantized), "--output_dir", str(tmp_path / "full")],
+            prog="t",
+            description="t",
+            defaults=llama3_3b_full.DEFAULTS,
+        )
+    assert exit_info.value.code == 2 and "use the QLoRA playbook" in capsys.readouterr().err

@@ -30,6 +30,10 @@ def _flag(help: str, **kwargs):
 
 @dataclass
 class TrainConfig:
+    """One run's settings. The defaults are the NVIDIA DGX Spark playbook's (LoRA r 8, alpha 16, dropout 0 on
+    all linear layers, lr 1e-4, batch 8, 2048 tokens, one epoch), so its documented commands keep working;
+    each playbook script overrides only what differs (model, method, ...)."""
+
     # Set by the playbook script, not a flag: which weights are trained and how the base is loaded.
     method: str = field(default="lora", metadata={"flag": False})
 
@@ -102,6 +106,9 @@ class TrainConfig:
     config: str = _flag("YAML file with any of these keys; flags given on the command line win", default="")
     dry_run: bool = _flag(
         "load config, tokenizer and data, print the plan, and exit without training", default=False
+    )
+    force: bool = _flag(
+        "train even when the memory estimate says the run will not fit in the available memory", default=False
     )
 
     @property
@@ -241,8 +248,9 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError(f"unknown method {cfg.method!r}; expected one of {', '.join(METHODS)}")
     if cfg.dtype not in DTYPES:
         raise bad("dtype", f"expected one of {', '.join(DTYPES)}")
-    if cfg.dataset_format not in DATASET_FORMATS:
-        raise bad("dataset_format", f"expected one of {', '.join(DATASET_FORMATS)}")
+    formats = getattr(cfg, "dataset_formats", DATASET_FORMATS)  # a subclass may read other formats
+    if cfg.dataset_format not in formats:
+        raise bad("dataset_format", f"expected one of {', '.join(formats)}")
     for name in ("batch_size", "gradient_accumulation_steps", "seq_length", "save_steps", "logging_steps"):
         if getattr(cfg, name) < 1:
             raise bad(name, "must be at least 1")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,6 +105,13 @@ class Placement:
         return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.dtype)
 
 
+def liger_kernels(place: Placement) -> bool:
+    """Whether to use Liger's Triton kernels: fused RMSNorm, RoPE and SwiGLU, and a chunked lm_head + cross-entropy
+    that never holds the whole logits tensor. They need CUDA (on the CPU liger_kernel imports, but every kernel
+    fails), so they are used only there, and only when liger_kernel is installed."""
+    return place.device == "cuda" and importlib.util.find_spec("liger_kernel") is not None
+
+
 def placement(cfg: TrainConfig) -> Placement:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
@@ -121,6 +129,15 @@ def placement(cfg: TrainConfig) -> Placement:
 def is_prequantized(model_config) -> bool:
     quant = getattr(model_config, "quantization_config", None)
     return quant is not None
+
+
+def check_trainable(cfg: TrainConfig, model_config) -> None:
+    """Full fine-tuning needs real weights; a pre-quantized checkpoint only takes adapters."""
+    if is_prequantized(model_config) and not cfg.uses_lora:
+        raise UserError(
+            f"--model_name {cfg.model_name} is quantized, and quantized weights cannot be trained directly; "
+            "use the QLoRA playbook, or the unquantized model"
+        )
 
 
 def check_bitsandbytes(device: str) -> None:
@@ -182,7 +199,8 @@ def load_model(cfg: TrainConfig, model_config, place: Placement):
 
     kwargs = {"dtype": place.dtype, "attn_implementation": cfg.attn_implementation}
     quantization = _quantization_config(cfg, model_config, place)
-    if cfg.method == "qlora":
+    four_bit = cfg.method == "qlora" or is_prequantized(model_config)
+    if four_bit:
         check_bitsandbytes(place.device)
         # 4-bit weights are created on the device at load time; the Trainer cannot move them afterwards.
         kwargs["device_map"] = {"": f"cuda:{place.local_rank}" if place.device == "cuda" else "cpu"}
@@ -195,7 +213,7 @@ def load_model(cfg: TrainConfig, model_config, place: Placement):
     except ImportError as exc:
         raise UserError(f"--model_name {cfg.model_name}: {str(exc).splitlines()[0]}") from None
 
-    if cfg.method == "qlora":
+    if four_bit:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(

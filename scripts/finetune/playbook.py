@@ -8,9 +8,10 @@ import os
 from .config import TrainConfig, parse_config
 from .data import PreparedData, prepare_data
 from .errors import run_cli
-from .memory import estimate_peak, micro_batch_tokens
-from .model import Placement, count_parameters, load_model_config, load_tokenizer, placement
+from .memory import estimate_run, micro_batch_tokens
+from .model import Placement, check_trainable, count_parameters, load_model_config, load_tokenizer, placement
 from .outputs import is_main_process, prepare_output_dir
+from .preflight import check_memory, enforce
 from .report import plan_text, summary_table
 from .train import train, world_size
 
@@ -34,8 +35,11 @@ def optimizer_steps(cfg: TrainConfig, train_examples: int) -> int:
 
 def make_plan(cfg: TrainConfig, model_config, data: PreparedData, place: Placement) -> dict:
     total, trainable = count_parameters(cfg, model_config)
-    batch_tokens = micro_batch_tokens(data.train_stats.lengths, cfg.batch_size, cfg.packing)
-    estimate = estimate_peak(cfg, model_config, total, trainable, place.dtype, place.device, batch_tokens)
+    steps = optimizer_steps(cfg, len(data.train))
+    per_step = cfg.batch_size * cfg.gradient_accumulation_steps * world_size()
+    examples = steps * per_step  # the examples the run draws; its largest micro-batch is among them
+    batch_tokens = micro_batch_tokens(data.train_stats.lengths, cfg.batch_size, cfg.packing, examples)
+    estimate = estimate_run(cfg, model_config, data.train_stats, place, total, trainable, examples)
     stats = data.train_stats
     return {
         "model_name": cfg.model_name,
@@ -54,8 +58,8 @@ def make_plan(cfg: TrainConfig, model_config, data: PreparedData, place: Placeme
         "dropped": stats.dropped + (data.eval_stats.dropped if data.eval_stats else 0),
         "truncated": stats.truncated + (data.eval_stats.truncated if data.eval_stats else 0),
         "seq_length": cfg.seq_length,
-        "steps": optimizer_steps(cfg, len(data.train)),
-        "examples_per_step": cfg.batch_size * cfg.gradient_accumulation_steps * world_size(),
+        "steps": steps,
+        "examples_per_step": per_step,
         "packing": cfg.packing,
         "micro_batch_tokens": batch_tokens,
         "memory_estimate": estimate.as_dict(),
@@ -75,14 +79,18 @@ def make_plan(cfg: TrainConfig, model_config, data: PreparedData, place: Placeme
 
 def run(cfg: TrainConfig) -> dict | None:
     model_config = load_model_config(cfg.model_name)
+    check_trainable(cfg, model_config)
     tokenizer = load_tokenizer(cfg.model_name)
     data = prepare_data(cfg, tokenizer)
     place = placement(cfg)
     plan = make_plan(cfg, model_config, data, place)
+    memory = check_memory(cfg, plan, data.train_stats, place)
+    plan["memory_check"] = memory.verdict()
     if is_main_process():
         print(plan_text(plan), flush=True)
     if cfg.dry_run:
         return None
+    enforce(memory, cfg)  # before anything is written or loaded
     resume_from = prepare_output_dir(cfg)
     metrics = train(cfg, tokenizer, data, place, resume_from, plan)
     if is_main_process():

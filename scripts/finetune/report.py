@@ -118,6 +118,7 @@ def plan_text(plan: dict) -> str:
         f"optimizer+grads {human_bytes(estimate['trainable_state'])}, activations "
         f"{human_bytes(estimate['activations'])}, logits {human_bytes(estimate['logits'])}, "
         f"runtime {human_bytes(estimate['runtime'])})",
+        *([f"memory check     {plan['memory_check']}"] if plan.get("memory_check") else []),
         f"output           {plan['output_dir']}",
     ]
     return "\n".join(lines)

@@ -12,10 +12,11 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from .config import TrainConfig
-from .data import Collator, PreparedData, real_tokens
+from .data import IGNORE_INDEX, Collator, PreparedData, real_tokens
 from .errors import EXIT_SIGINT, EXIT_SIGTERM, Interrupted
-from .model import Placement, load_model
+from .model import Placement, liger_kernels, load_model
 from .outputs import CHECKPOINTS, METRICS, RUN_FILE, is_main_process, save_final
+from .plot import write_loss_plot
 from .report import peak_memory_bytes, perplexity, versions, write_json_atomic
 
 STEP_LOSS = "step_loss"  # per-step entries in the trainer's log history, which checkpoints keep
@@ -72,8 +73,27 @@ class MeasuredTrainer:
         return sum(losses) / len(losses) if losses else None
 
 
+def loss_positions_only(inputs: dict) -> dict:
+    """Ask the model for logits only at positions whose next token carries loss.
+
+    The lm_head is a vocabulary-wide matmul (128k columns for Llama 3) whose output is upcast to fp32 for the loss:
+    with loss on responses only, computing it for prompt tokens is wasted time and memory. The model gets the kept
+    positions (`logits_to_keep`) and their targets (`shift_labels`), which its loss (and Liger's fused one) use
+    instead of shifting `labels` itself; the loss is the same.
+    """
+    labels = inputs.get("labels")
+    if labels is None or "logits_to_keep" in inputs:
+        return inputs
+    shifted = torch.nn.functional.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)
+    keep = (shifted != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
+    if keep.numel() == 0:
+        return inputs
+    return {**inputs, "logits_to_keep": keep, "shift_labels": shifted[:, keep]}
+
+
 class SFTPlaybookTrainer(MeasuredTrainer, Trainer):
-    pass
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        return super().compute_loss(model, loss_positions_only(inputs), return_outputs, num_items_in_batch)
 
 
 class StepEndCallback(TrainerCallback):
@@ -153,6 +173,8 @@ def training_arguments(cfg: TrainConfig, place: Placement, out: Path) -> Trainin
         eval_strategy="no",  # evaluated once at the end
         seed=cfg.seed,
         data_seed=cfg.seed,
+        # Fused kernels and a chunked cross-entropy on CUDA when liger_kernel is installed (see model.liger_kernels).
+        use_liger_kernel=liger_kernels(place),
         bf16=place.mixed_precision == "bf16",
         fp16=place.mixed_precision == "fp16",
         use_cpu=place.device == "cpu",
@@ -243,6 +265,8 @@ def run_training(
         metrics["final_dir"] = str(final)
         metrics["metrics_file"] = str(out / METRICS)
         write_json_atomic(out / METRICS, metrics)
+        # loss.png beside it (skipped, with a note, when matplotlib is missing)
+        write_loss_plot(trainer.state.log_history, out, window=cfg.logging_steps)
     if _distributed():
         torch.distributed.barrier()
     return metrics

@@ -43,6 +43,28 @@ let
     tensorboard = [ "2.21.0" [ ] { } ];
     pytest = [ "9.0.1" [ ] { } ];
     ruff = [ "0.14.0" [ ] { } ];
+    requests = [ "2.32.5" [ ] { } ];
+    pillow = [ "12.0.0" [ ] { } ];
+    # nixpkgs builds gguf from llama.cpp's gguf-py and versions it with llama.cpp's build number.
+    gguf = [
+      "9967"
+      [
+        "numpy"
+        "pyyaml"
+        "requests"
+        "tqdm"
+      ]
+      { }
+    ];
+    matplotlib = [
+      "3.10.5"
+      [
+        "numpy"
+        "packaging"
+        "pillow"
+      ]
+      { }
+    ];
     huggingface-hub = [
       "1.28.0"
       [
