@@ -9,7 +9,6 @@ python evaluate.py eval --model out/8b-lora --dataset held-out.jsonl --output ev
 from __future__ import annotations
 
 import argparse
-import os
 
 from finetune.errors import run_cli
 
@@ -99,10 +98,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
 
     def go():
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        from transformers.utils import logging
-
-        logging.set_verbosity_error()
         from finetune import evaluate
 
         if args.command == "generate":

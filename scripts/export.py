@@ -9,7 +9,6 @@ python export.py ollama --gguf out/8b.gguf --model out/8b-merged --outfile out/M
 from __future__ import annotations
 
 import argparse
-import os
 
 from finetune.errors import run_cli
 
@@ -96,10 +95,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
 
     def go():
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        from transformers.utils import logging
-
-        logging.set_verbosity_error()
         from finetune import export
 
         if args.command == "merge":

@@ -8,7 +8,7 @@ import llama3_8b_dpo
 import pytest
 from conftest import DATA, FAST, read_metrics
 from finetune.data import Row
-from finetune.dpo import build_pairs, detect_format, to_pair
+from finetune.dpo import build_pairs, detect_preference_format, to_pair
 from finetune.errors import UserError
 from finetune.model import load_tokenizer
 from finetune.playbook import main
@@ -55,7 +55,7 @@ BAD = {"role": "assistant", "content": "Green."}
 )
 def test_every_preference_layout_gives_the_same_pair(tokenizer, values):
     row = Row(values, "data.jsonl:1")
-    fmt = detect_format([row], "auto", "data.jsonl")
+    fmt = detect_preference_format([row], "auto", "data.jsonl")
     assert fmt == ("sharegpt" if "conversations" in values else "preference")
     assert to_pair(row, fmt) == ([USER], [GOOD], [BAD])
 
@@ -92,7 +92,7 @@ def test_long_pairs_are_truncated_and_identical_answers_dropped(tokenizer):
 def test_bad_preference_rows_name_the_problem(values, expected):
     row = Row(values, "data.jsonl:1")
     with pytest.raises(UserError, match=None) as error:
-        to_pair(row, detect_format([row], "auto", "data.jsonl"))
+        to_pair(row, detect_preference_format([row], "auto", "data.jsonl"))
     assert expected in str(error.value)
 
 

@@ -151,25 +151,35 @@ def load_rows(spec: str, *, flag: str = "--dataset", limit: int | None = None) -
 # ---------------------------------------------------------------------------------------------------- formats
 
 
-def detect_format(rows: list[Row], requested: str, source: str) -> str:
+def detect_format(
+    rows: list[Row], requested: str, source: str, formats: dict = FORMAT_COLUMNS, unknown: str = ""
+) -> str:
+    """The format whose columns the first row has (`formats` maps a name to its columns, in detection order).
+
+    `unknown` replaces the default explanation when no format fits.
+    """
     if not rows:
         raise UserError(f"{source}: the dataset is empty")
     columns = set(rows[0].values)
+    found = ", ".join(sorted(columns)) or "none"
     if requested != "auto":
-        missing = [c for c in FORMAT_COLUMNS[requested] if c not in columns]
+        missing = [c for c in formats[requested] if c not in columns]
         if missing:
             raise UserError(
-                f"{source}: format {requested} needs column(s) {', '.join(missing)}; "
-                f"found {', '.join(sorted(columns)) or 'none'}"
+                f"{source}: format {requested} needs column(s) {', '.join(missing)}; found {found}"
             )
         return requested
-    for name, needed in FORMAT_COLUMNS.items():
+    for name, needed in formats.items():
         if all(c in columns for c in needed):
             return name
-    expected = "; ".join(f"{name}: {'+'.join(cols)}" for name, cols in FORMAT_COLUMNS.items())
+    expected = "; ".join(f"{name}: {'+'.join(cols)}" for name, cols in formats.items())
     raise UserError(
-        f"{source}: cannot tell the dataset format from its columns ({', '.join(sorted(columns)) or 'none'}); "
-        f"expected one of [{expected}], or pass --dataset_format"
+        f"{source}: "
+        + (
+            unknown.format(found=found)
+            or f"cannot tell the dataset format from its columns ({found}); expected one of [{expected}], "
+            "or pass --dataset_format"
+        )
     )
 
 
@@ -339,10 +349,42 @@ class PreparedData:
     source: str
 
 
-def _source_and_limit(cfg: TrainConfig) -> tuple[str, int | None]:
+@dataclass
+class RowSplits:
+    """Rows for training and evaluation, with where they came from and their formats."""
+
+    source: str
+    format: str
+    train: list[Row]
+    eval_source: str
+    eval_format: str
+    eval: list[Row]
+
+
+def load_splits(cfg: TrainConfig, default_dataset: str = DEFAULT_DATASET, detect=detect_format) -> RowSplits:
+    """--dataset (or the default hub dataset) and its evaluation rows: --eval_dataset, or a seeded --eval_split."""
     if cfg.uses_default_dataset:
-        return DEFAULT_DATASET, cfg.dataset_size or DEFAULT_DATASET_ROWS
-    return cfg.dataset, cfg.dataset_size
+        source, limit = default_dataset, cfg.dataset_size or DEFAULT_DATASET_ROWS
+    else:
+        source, limit = cfg.dataset, cfg.dataset_size
+    rows = load_rows(source, limit=limit)
+    fmt = detect(rows, cfg.dataset_format, source)
+    if cfg.eval_dataset:
+        eval_rows = load_rows(cfg.eval_dataset, flag="--eval_dataset")
+        eval_fmt = detect(eval_rows, cfg.dataset_format, cfg.eval_dataset)
+        return RowSplits(source, fmt, rows, cfg.eval_dataset, eval_fmt, eval_rows)
+    if cfg.eval_split == 0:
+        return RowSplits(source, fmt, rows, source, fmt, [])
+    order = list(range(len(rows)))
+    random.Random(cfg.seed).shuffle(order)
+    n_eval = max(1, round(len(rows) * cfg.eval_split))
+    if n_eval >= len(rows):
+        raise UserError(
+            f"--eval_split {cfg.eval_split}: {source} has only {len(rows)} rows, none left to train"
+        )
+    held_out = set(order[:n_eval])
+    train = [r for i, r in enumerate(rows) if i not in held_out]
+    return RowSplits(source, fmt, train, source, fmt, [r for i, r in enumerate(rows) if i in held_out])
 
 
 def _examples_or_error(rows, fmt, tokenizer, cfg, source, what) -> tuple[list[dict], DataStats]:
@@ -355,33 +397,20 @@ def _examples_or_error(rows, fmt, tokenizer, cfg, source, what) -> tuple[list[di
     return examples, stats
 
 
-def prepare_data(cfg: TrainConfig, tokenizer) -> PreparedData:
-    source, limit = _source_and_limit(cfg)
-    rows = load_rows(source, limit=limit)
-    fmt = detect_format(rows, cfg.dataset_format, source)
-    if cfg.eval_dataset:
-        eval_rows = load_rows(cfg.eval_dataset, flag="--eval_dataset")
-        eval_fmt = detect_format(eval_rows, cfg.dataset_format, cfg.eval_dataset)
-    elif cfg.eval_split > 0:
-        order = list(range(len(rows)))
-        random.Random(cfg.seed).shuffle(order)
-        n_eval = max(1, round(len(rows) * cfg.eval_split))
-        if n_eval >= len(rows):
-            raise UserError(
-                f"--eval_split {cfg.eval_split}: {source} has only {len(rows)} rows, none left to train"
-            )
-        held_out = set(order[:n_eval])
-        eval_rows = [r for i, r in enumerate(rows) if i in held_out]
-        rows = [r for i, r in enumerate(rows) if i not in held_out]
-        eval_fmt = fmt
-    else:
-        eval_rows, eval_fmt = [], fmt
-
-    train, train_stats = _examples_or_error(rows, fmt, tokenizer, cfg, source, "training")
+def prepare_data(
+    cfg: TrainConfig, tokenizer, *, default_dataset: str = DEFAULT_DATASET, detect=detect_format, build=None
+) -> PreparedData:
+    """Training and evaluation examples. Another recipe (DPO) passes its own default dataset, format detection,
+    and `build(rows, fmt, tokenizer, cfg, source, what) -> (examples, stats)`, which raises when none is left."""
+    build = build or _examples_or_error
+    splits = load_splits(cfg, default_dataset, detect)
+    train, train_stats = build(splits.train, splits.format, tokenizer, cfg, splits.source, "training")
     evaluation, eval_stats = [], None
-    if eval_rows:
-        evaluation, eval_stats = _examples_or_error(eval_rows, eval_fmt, tokenizer, cfg, source, "evaluation")
-    return PreparedData(train, evaluation, train_stats, eval_stats, source)
+    if splits.eval:
+        evaluation, eval_stats = build(
+            splits.eval, splits.eval_format, tokenizer, cfg, splits.eval_source, "evaluation"
+        )
+    return PreparedData(train, evaluation, train_stats, eval_stats, splits.source)
 
 
 # ---------------------------------------------------------------------------------------------------- batches

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,14 +26,14 @@ import torch
 from transformers import set_seed
 
 from .config import DEFAULT_DATASET_ROWS, TrainConfig, _flag
-from .data import SHAREGPT_ROLES, DataStats, PreparedData, Row, load_rows, render
+from .data import SHAREGPT_ROLES, DataStats, PreparedData, Row, detect_format, prepare_data, render
 from .errors import UserError
-from .model import Placement, _quantization_config, check_bitsandbytes, is_prequantized, load_model, placement
+from .model import Placement, is_prequantized, load_base, load_model, placement
 from .outputs import is_main_process, prepare_output_dir
 from .playbook import make_plan
 from .preflight import check_memory, enforce
 from .report import plan_text, summary_table
-from .sources import ModelSource, base_config, check_adapter_fits, load_causal_lm, load_tokenizer_for, resolve
+from .sources import ModelSource, base_config, check_adapter_fits, load_tokenizer_for, resolve
 from .train import MeasuredTrainer, run_training, training_arguments
 
 DEFAULT_PREFERENCE_DATASET = "trl-lib/ultrafeedback_binarized"
@@ -86,26 +85,12 @@ class DPOConfig(TrainConfig):
 # ---------------------------------------------------------------------------------------------------- data
 
 
-def detect_format(rows: list[Row], requested: str, source: str) -> str:
-    if not rows:
-        raise UserError(f"{source}: the dataset is empty")
-    columns = set(rows[0].values)
-    if requested != "auto":
-        missing = [c for c in FORMAT_COLUMNS[requested] if c not in columns]
-        if missing:
-            raise UserError(
-                f"{source}: format {requested} needs column(s) {', '.join(missing)}; "
-                f"found {', '.join(sorted(columns)) or 'none'}"
-            )
-        return requested
-    for name, needed in FORMAT_COLUMNS.items():
-        if all(c in columns for c in needed):
-            return name
-    raise UserError(
-        f"{source}: not preference data (columns: {', '.join(sorted(columns)) or 'none'}); DPO needs "
-        "prompt/chosen/rejected (strings or message lists), chosen/rejected conversations, or sharegpt-style "
-        "conversations/chosen/rejected"
-    )
+detect_preference_format = functools.partial(
+    detect_format,
+    formats=FORMAT_COLUMNS,
+    unknown="not preference data (columns: {found}); DPO needs prompt/chosen/rejected (strings or message lists), "
+    "chosen/rejected conversations, or sharegpt-style conversations/chosen/rejected",
+)
 
 
 def _messages(row: Row, key: str, role: str) -> list[dict]:
@@ -222,37 +207,13 @@ def _pairs_or_error(rows, fmt, tokenizer, cfg, source, what):
 
 
 def prepare_preferences(cfg: DPOConfig, tokenizer) -> PreparedData:
-    if cfg.uses_default_dataset:
-        source, limit = DEFAULT_PREFERENCE_DATASET, cfg.dataset_size or DEFAULT_DATASET_ROWS
-    else:
-        source, limit = cfg.dataset, cfg.dataset_size
-    rows = load_rows(source, limit=limit)
-    fmt = detect_format(rows, cfg.dataset_format, source)
-    eval_rows, eval_fmt, eval_source = [], fmt, source
-    if cfg.eval_dataset:
-        eval_rows = load_rows(cfg.eval_dataset, flag="--eval_dataset")
-        eval_fmt, eval_source = (
-            detect_format(eval_rows, cfg.dataset_format, cfg.eval_dataset),
-            cfg.eval_dataset,
-        )
-    elif cfg.eval_split > 0:
-        order = list(range(len(rows)))
-        random.Random(cfg.seed).shuffle(order)
-        n_eval = max(1, round(len(rows) * cfg.eval_split))
-        if n_eval >= len(rows):
-            raise UserError(
-                f"--eval_split {cfg.eval_split}: {source} has only {len(rows)} rows, none left to train"
-            )
-        held_out = set(order[:n_eval])
-        eval_rows = [r for i, r in enumerate(rows) if i in held_out]
-        rows = [r for i, r in enumerate(rows) if i not in held_out]
-    train, train_stats = _pairs_or_error(rows, fmt, tokenizer, cfg, source, "training")
-    evaluation, eval_stats = [], None
-    if eval_rows:
-        evaluation, eval_stats = _pairs_or_error(
-            eval_rows, eval_fmt, tokenizer, cfg, eval_source, "evaluation"
-        )
-    return PreparedData(train, evaluation, train_stats, eval_stats, source)
+    return prepare_data(
+        cfg,
+        tokenizer,
+        default_dataset=DEFAULT_PREFERENCE_DATASET,
+        detect=detect_preference_format,
+        build=_pairs_or_error,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- model
@@ -264,26 +225,9 @@ def load_policy(cfg: DPOConfig, source: ModelSource, model_config, place: Placem
     if source.adapter is None:
         return load_model(base_cfg, model_config, place)
 
-    from peft import PeftModel, prepare_model_for_kbit_training
+    from peft import PeftModel
 
-    four_bit = cfg.method == "qlora" or is_prequantized(model_config)
-    kwargs = {"dtype": place.dtype, "attn_implementation": cfg.attn_implementation}
-    if four_bit:
-        check_bitsandbytes(place.device)
-        kwargs["device_map"] = {"": f"cuda:{place.local_rank}" if place.device == "cuda" else "cpu"}
-        quantization = _quantization_config(base_cfg, model_config, place)
-        if quantization is not None:
-            kwargs["quantization_config"] = quantization
-    model = load_causal_lm(source.base, "--base_model", **kwargs)
-    if four_bit:
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=cfg.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
-    elif cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+    model = load_base(cfg, model_config, place, source.base, "--base_model")
     model = PeftModel.from_pretrained(model, str(source.adapter), is_trainable=True)
     model.config.use_cache = False
     return model

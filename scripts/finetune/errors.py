@@ -6,6 +6,7 @@ Only the entry point (`run_cli`) prints it, so library code never calls `sys.exi
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 
@@ -41,10 +42,19 @@ def _out_of_memory_message(exc: BaseException) -> str | None:
     return None
 
 
+def quiet_libraries() -> None:
+    """Library chatter (deprecations, advice) would bury the plan, the summary and our one-line errors."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+
+
 def run_cli(main: Callable[[], object]) -> None:
-    """Run `main`, turning user errors and interrupts into a message on stderr and an exit code."""
+    """Run `main` with quiet libraries, turning user errors and interrupts into a message and an exit code."""
     prog = "error"
     try:
+        quiet_libraries()
         main()
     except UserError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)

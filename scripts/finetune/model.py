@@ -26,7 +26,7 @@ def _is_local(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or Path(name).expanduser().exists() or name.count("/") > 1
 
 
-def _hub_failure(name: str, exc: BaseException) -> UserError:
+def _hub_failure(name: str, exc: BaseException, flag: str = "--model_name") -> UserError:
     """Turn the hub's exception chain into one actionable line."""
     from huggingface_hub import errors as hub_errors
 
@@ -36,21 +36,21 @@ def _hub_failure(name: str, exc: BaseException) -> UserError:
         cause = cause.__cause__ or cause.__context__
     kinds = tuple(type(c) for c in chain)
     if any(issubclass(k, hub_errors.GatedRepoError) for k in kinds) or "gated repo" in str(exc):
-        return UserError(f"--model_name {name} is a gated model: {LOGIN_HINT}")
+        return UserError(f"{flag} {name} is a gated model: {LOGIN_HINT}")
     if any(
         issubclass(k, hub_errors.RepositoryNotFoundError) for k in kinds
     ) or "not a valid model identifier" in str(exc):
         return UserError(
-            f"--model_name {name}: no such local directory or hub model (a private model needs `hf auth login`)"
+            f"{flag} {name}: no such local directory or hub model (a private model needs `hf auth login`)"
         )
     if any(
         issubclass(k, (hub_errors.LocalEntryNotFoundError, hub_errors.OfflineModeIsEnabled)) for k in kinds
     ):
         return UserError(
-            f"--model_name {name} is not in the local Hugging Face cache and the hub cannot be reached; "
+            f"{flag} {name} is not in the local Hugging Face cache and the hub cannot be reached; "
             + OFFLINE_HINT.format(name=name)
         )
-    return UserError(f"--model_name {name}: cannot load its configuration ({str(exc).splitlines()[0]})")
+    return UserError(f"{flag} {name}: cannot load it ({str(exc).splitlines()[0]})")
 
 
 def load_model_config(name: str):
@@ -193,25 +193,27 @@ def _wrap_lora(model, cfg: TrainConfig):
         raise UserError(f"--target_modules {cfg.target_modules}: {str(exc).splitlines()[0]}") from None
 
 
-def load_model(cfg: TrainConfig, model_config, place: Placement):
-    """The model ready to train: full weights, LoRA on top, or LoRA on a 4-bit base."""
+def load_base(cfg: TrainConfig, model_config, place: Placement, name: str = "", flag: str = "--model_name"):
+    """The base model as training needs it: at the run's dtype, or 4-bit (QLoRA or a pre-quantized checkpoint)
+    and prepared for k-bit training; gradient checkpointing set up. `name` defaults to --model_name."""
     from transformers import AutoModelForCausalLM
 
+    name = name or cfg.model_name
     kwargs = {"dtype": place.dtype, "attn_implementation": cfg.attn_implementation}
-    quantization = _quantization_config(cfg, model_config, place)
     four_bit = cfg.method == "qlora" or is_prequantized(model_config)
     if four_bit:
         check_bitsandbytes(place.device)
         # 4-bit weights are created on the device at load time; the Trainer cannot move them afterwards.
         kwargs["device_map"] = {"": f"cuda:{place.local_rank}" if place.device == "cuda" else "cpu"}
+        quantization = _quantization_config(cfg, model_config, place)
         if quantization is not None:
             kwargs["quantization_config"] = quantization
     try:
-        model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(cfg.model_name), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(name), **kwargs)
     except (OSError, ValueError) as exc:
-        raise _hub_failure(cfg.model_name, exc) from None
+        raise _hub_failure(name, exc, flag) from None
     except ImportError as exc:
-        raise UserError(f"--model_name {cfg.model_name}: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"{flag} {name}: {str(exc).splitlines()[0]}") from None
 
     if four_bit:
         from peft import prepare_model_for_kbit_training
@@ -225,6 +227,12 @@ def load_model(cfg: TrainConfig, model_config, place: Placement):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.uses_lora:
             model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks need a grad input
+    return model
+
+
+def load_model(cfg: TrainConfig, model_config, place: Placement):
+    """The model ready to train: full weights, LoRA on top, or LoRA on a 4-bit base."""
+    model = load_base(cfg, model_config, place)
     if cfg.uses_lora:
         model = _wrap_lora(model, cfg)
     model.config.use_cache = False  # the KV cache only costs memory in training

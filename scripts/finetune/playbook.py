@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 
 from .config import TrainConfig, parse_config
 from .data import PreparedData, prepare_data
@@ -14,14 +13,6 @@ from .outputs import is_main_process, prepare_output_dir
 from .preflight import check_memory, enforce
 from .report import plan_text, summary_table
 from .train import train, world_size
-
-
-def _quiet_libraries() -> None:
-    # Library chatter (deprecations, "loading weights" bars) buries the plan and the summary.
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()
 
 
 def optimizer_steps(cfg: TrainConfig, train_examples: int) -> int:
@@ -113,7 +104,6 @@ def main(
         cfg = parse_config(
             argv, prog=prog, description=description, defaults=defaults, config_class=config_class
         )
-        _quiet_libraries()
         (runner or run)(cfg)
 
     run_cli(go)
