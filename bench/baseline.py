@@ -13,13 +13,12 @@ import dataclasses
 
 
 def alpaca_texts(cfg, tokenizer) -> list[str]:
-    """Every training row rendered with the Alpaca prompt, as the reference scripts format it (BOS and EOS
-    included by the tokenizer and TRL)."""
-    from finetune.data import detect_format, load_rows, render, to_example
+    """The rows ours trains on, rendered with the Alpaca prompt as the reference scripts format them (the
+    tokenizer adds BOS, and TRL EOS when it is missing)."""
+    from finetune.data import load_splits, render, to_example
 
-    rows = load_rows(cfg.dataset, limit=cfg.dataset_size)
-    fmt = detect_format(rows, cfg.dataset_format, cfg.dataset)
-    texts = [render(tokenizer, to_example(row, fmt))[0] for row in rows]
+    splits = load_splits(cfg)
+    texts = [render(tokenizer, to_example(row, splits.format))[0] for row in splits.train]
     return [text.removeprefix(tokenizer.bos_token or "") for text in texts]
 
 

@@ -107,7 +107,6 @@ def test_torchrun_two_processes_on_cpu(tiny_model, tmp_path):
     assert (out / "final" / "adapter_model.safetensors").is_file()
 
 
-@pytest.mark.smoke
 def test_demo_runs_every_playbook_offline(tmp_path):
     result = subprocess.run(
         [sys.executable, str(SCRIPTS / "demo.py"), "--workdir", str(tmp_path), "--steps", "3"],
