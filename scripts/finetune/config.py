@@ -24,7 +24,7 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 METHODS = ("lora", "qlora", "full")
 
 
-def _flag(help: str, **kwargs):
+def option(help: str, **kwargs):
     return field(metadata={"help": help}, **kwargs)
 
 
@@ -38,76 +38,76 @@ class TrainConfig:
     method: str = field(default="lora", metadata={"flag": False})
 
     # Model
-    model_name: str = _flag("hub id or local directory of the base model", default="")
-    dtype: str = _flag(
+    model_name: str = option("hub id or local directory of the base model", default="")
+    dtype: str = option(
         "weights and compute dtype; auto = bfloat16 on GPUs that support it, float32 on CPU",
         default="auto",
     )
-    attn_implementation: str = _flag("attention kernel: sdpa, eager, flash_attention_2, ...", default="sdpa")
-    gradient_checkpointing: bool = _flag(
+    attn_implementation: str = option("attention kernel: sdpa, eager, flash_attention_2, ...", default="sdpa")
+    gradient_checkpointing: bool = option(
         "recompute activations in the backward pass to save memory", default=False
     )
 
     # LoRA (ignored by full fine-tuning)
-    lora_rank: int = _flag("LoRA rank r", default=8)
-    lora_alpha: int = _flag("LoRA scaling alpha", default=16)
-    lora_dropout: float = _flag("dropout on the LoRA input", default=0.0)
-    target_modules: str = _flag(
+    lora_rank: int = option("LoRA rank r", default=8)
+    lora_alpha: int = option("LoRA scaling alpha", default=16)
+    lora_dropout: float = option("dropout on the LoRA input", default=0.0)
+    target_modules: str = option(
         "modules that get adapters: all-linear, or a comma-separated list like q_proj,v_proj",
         default="all-linear",
     )
 
     # Data
-    dataset: str = _flag(
+    dataset: str = option(
         f"hub dataset id, or a local .jsonl/.json/.parquet/.csv file or directory of them "
         f"(default: the first {DEFAULT_DATASET_ROWS} rows of {DEFAULT_DATASET})",
         default="",
     )
-    dataset_format: str = _flag(
+    dataset_format: str = option(
         f"one of {', '.join(DATASET_FORMATS)}; auto detects it from the columns", default="auto"
     )
-    dataset_size: int | None = _flag("use only the first N rows (default: all)", default=None)
-    eval_split: float = _flag("fraction of rows held out for evaluation; 0 = no evaluation", default=0.05)
-    eval_dataset: str = _flag(
+    dataset_size: int | None = option("use only the first N rows (default: all)", default=None)
+    eval_split: float = option("fraction of rows held out for evaluation; 0 = no evaluation", default=0.05)
+    eval_dataset: str = option(
         "separate evaluation dataset (same forms as --dataset); replaces --eval_split", default=""
     )
-    seq_length: int = _flag("maximum tokens per example; longer examples are truncated", default=2048)
-    packing: bool = _flag(
+    seq_length: int = option("maximum tokens per example; longer examples are truncated", default=2048)
+    packing: bool = option(
         "padding-free packing: each batch is one sequence with per-example positions", default=True
     )
-    train_on_prompt: bool = _flag(
+    train_on_prompt: bool = option(
         "compute the loss on prompt tokens too (default: responses only)", default=False
     )
 
     # Optimisation
-    batch_size: int = _flag("examples per device per step", default=8)
-    gradient_accumulation_steps: int = _flag("micro-batches accumulated into one optimizer step", default=1)
-    learning_rate: float = _flag("peak learning rate", default=1e-4)
-    lr_scheduler_type: str = _flag("learning-rate schedule (transformers' names)", default="linear")
-    warmup_ratio: float = _flag("fraction of steps spent warming up the learning rate", default=0.0)
-    weight_decay: float = _flag("AdamW weight decay", default=0.0)
-    num_epochs: float = _flag("epochs over the training data (fractions allowed)", default=1.0)
-    max_steps: int = _flag("stop after this many optimizer steps; -1 = run --num_epochs", default=-1)
-    seed: int = _flag("seed for weights of new adapters, data order and the eval split", default=42)
+    batch_size: int = option("examples per device per step", default=8)
+    gradient_accumulation_steps: int = option("micro-batches accumulated into one optimizer step", default=1)
+    learning_rate: float = option("peak learning rate", default=1e-4)
+    lr_scheduler_type: str = option("learning-rate schedule (transformers' names)", default="linear")
+    warmup_ratio: float = option("fraction of steps spent warming up the learning rate", default=0.0)
+    weight_decay: float = option("AdamW weight decay", default=0.0)
+    num_epochs: float = option("epochs over the training data (fractions allowed)", default=1.0)
+    max_steps: int = option("stop after this many optimizer steps; -1 = run --num_epochs", default=-1)
+    seed: int = option("seed for weights of new adapters, data order and the eval split", default=42)
 
     # Outputs
-    output_dir: str = _flag("where the model, checkpoints, logs and metrics.json go", default="")
-    overwrite_output_dir: bool = _flag("reuse an output directory that holds a different run", default=False)
-    save_steps: int = _flag("write a checkpoint every N steps", default=200)
-    save_total_limit: int = _flag("keep at most N checkpoints", default=2)
-    resume: str = _flag(
+    output_dir: str = option("where the model, checkpoints, logs and metrics.json go", default="")
+    overwrite_output_dir: bool = option("reuse an output directory that holds a different run", default=False)
+    save_steps: int = option("write a checkpoint every N steps", default=200)
+    save_total_limit: int = option("keep at most N checkpoints", default=2)
+    resume: str = option(
         "auto = continue from the newest checkpoint of this run if there is one; never; or a checkpoint path",
         default="auto",
     )
-    logging_steps: int = _flag("log the training loss every N steps", default=10)
-    log_dir: str = _flag("TensorBoard directory (default: OUTPUT_DIR/logs)", default="")
+    logging_steps: int = option("log the training loss every N steps", default=10)
+    log_dir: str = option("TensorBoard directory (default: OUTPUT_DIR/logs)", default="")
 
     # Control
-    config: str = _flag("YAML file with any of these keys; flags given on the command line win", default="")
-    dry_run: bool = _flag(
+    config: str = option("YAML file with any of these keys; flags given on the command line win", default="")
+    dry_run: bool = option(
         "load config, tokenizer and data, print the plan, and exit without training", default=False
     )
-    force: bool = _flag(
+    force: bool = option(
         "train even when the memory estimate says the run will not fit in the available memory", default=False
     )
 

@@ -25,14 +25,11 @@ from pathlib import Path
 import torch
 from transformers import set_seed
 
-from .config import DEFAULT_DATASET_ROWS, TrainConfig, _flag
+from .config import DEFAULT_DATASET_ROWS, TrainConfig, option
 from .data import SHAREGPT_ROLES, DataStats, PreparedData, Row, detect_format, prepare_data, render
 from .errors import UserError
-from .model import Placement, is_prequantized, load_base, load_model, placement
-from .outputs import is_main_process, prepare_output_dir
-from .playbook import make_plan
-from .preflight import check_memory, enforce
-from .report import plan_text, summary_table
+from .model import Placement, is_prequantized, load_base, load_model
+from .playbook import plan_then_train
 from .sources import ModelSource, base_config, check_adapter_fits, load_tokenizer_for, resolve
 from .train import MeasuredTrainer, run_training, training_arguments
 
@@ -48,17 +45,17 @@ REFERENCE_ADAPTER = "ref"  # the name TRL gives the frozen copy of an adapter it
 class DPOConfig(TrainConfig):
     dataset_formats = PREFERENCE_FORMATS  # not a field: what config.validate accepts for --dataset_format
 
-    model_name: str = _flag(
+    model_name: str = option(
         "where DPO starts: hub id or directory of an instruct (or merged) model, a LoRA adapter, or an SFT "
         "run's --output_dir",
         default="",
     )
-    dataset: str = _flag(
+    dataset: str = option(
         "hub dataset id, or a local .jsonl/.json/.parquet/.csv file or directory of preference pairs "
         f"(default: the first {DEFAULT_DATASET_ROWS} rows of {DEFAULT_PREFERENCE_DATASET})",
         default="",
     )
-    dataset_format: str = _flag(
+    dataset_format: str = option(
         "preference (prompt/chosen/rejected, or chosen/rejected conversations) or sharegpt "
         "(conversations/chosen/rejected); auto detects it from the columns",
         default="auto",
@@ -67,10 +64,10 @@ class DPOConfig(TrainConfig):
     packing: bool = field(default=False, metadata={"flag": False})
     train_on_prompt: bool = field(default=False, metadata={"flag": False})
 
-    beta: float = _flag(
+    beta: float = option(
         "DPO's beta: how strongly the policy is held to the reference model (higher = closer)", default=0.1
     )
-    base_model: str = _flag(
+    base_model: str = option(
         "base model of a LoRA adapter given as --model_name (default: the one in its adapter_config.json)",
         default="",
     )
@@ -355,17 +352,14 @@ def run(cfg: DPOConfig) -> dict | None:
         cfg.method = "qlora"  # train on a 4-bit base, like the adapter was
     tokenizer = load_tokenizer_for(source, "--model_name")
     data = prepare_preferences(cfg, tokenizer)
-    place = placement(cfg)
-    plan = make_plan(cfg, model_config, data, place)
-    memory = check_memory(cfg, plan, data.train_stats, place)
-    plan["memory_check"] = memory.verdict()
-    if is_main_process():
-        print(plan_text(plan) + "\n" + _plan_lines(cfg, source), flush=True)
-    if cfg.dry_run:
-        return None
-    enforce(memory, cfg)  # before anything is written or loaded
-    resume_from = prepare_output_dir(cfg)
-    metrics = train(cfg, source, tokenizer, data, place, resume_from, plan)
-    if is_main_process():
-        print(summary_table(metrics) + "\n" + _reward_lines(metrics), flush=True)
-    return metrics
+
+    def notes(metrics: dict | None) -> str:
+        return _plan_lines(cfg, source) if metrics is None else _reward_lines(metrics)
+
+    return plan_then_train(
+        cfg,
+        model_config,
+        data,
+        lambda place, resume_from, plan: train(cfg, source, tokenizer, data, place, resume_from, plan),
+        notes,
+    )

@@ -26,7 +26,7 @@ def _is_local(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or Path(name).expanduser().exists() or name.count("/") > 1
 
 
-def _hub_failure(name: str, exc: BaseException, flag: str = "--model_name") -> UserError:
+def hub_failure(name: str, exc: BaseException, flag: str = "--model_name") -> UserError:
     """Turn the hub's exception chain into one actionable line."""
     from huggingface_hub import errors as hub_errors
 
@@ -68,7 +68,7 @@ def load_model_config(name: str):
     try:
         return AutoConfig.from_pretrained(os.path.expanduser(name))
     except (OSError, ValueError) as exc:
-        raise _hub_failure(name, exc) from None
+        raise hub_failure(name, exc) from None
 
 
 def load_tokenizer(name: str):
@@ -77,7 +77,7 @@ def load_tokenizer(name: str):
     try:
         tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(name))
     except (OSError, ValueError) as exc:
-        raise _hub_failure(name, exc) from None
+        raise hub_failure(name, exc) from None
     if not tokenizer.is_fast:
         raise UserError(
             f"--model_name {name}: needs a fast (tokenizer.json) tokenizer for response-only masking"
@@ -211,7 +211,7 @@ def load_base(cfg: TrainConfig, model_config, place: Placement, name: str = "", 
     try:
         model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(name), **kwargs)
     except (OSError, ValueError) as exc:
-        raise _hub_failure(name, exc, flag) from None
+        raise hub_failure(name, exc, flag) from None
     except ImportError as exc:
         raise UserError(f"{flag} {name}: {str(exc).splitlines()[0]}") from None
 

@@ -68,25 +68,38 @@ def make_plan(cfg: TrainConfig, model_config, data: PreparedData, place: Placeme
     }
 
 
+def plan_then_train(cfg: TrainConfig, model_config, data: PreparedData, train_run, notes=None) -> dict | None:
+    """The steps every recipe shares once its data is ready: plan, memory check, and (unless --dry_run)
+    the output directory and `train_run(place, resume_from, plan) -> metrics`. `notes(plan_or_metrics)`
+    adds recipe-specific lines to the printed plan and summary."""
+    place = placement(cfg)
+    plan = make_plan(cfg, model_config, data, place)
+    memory = check_memory(cfg, plan, data.train_stats, place)
+    plan["memory_check"] = memory.verdict()
+    extra = notes or (lambda _: "")
+    if is_main_process():
+        print("\n".join(filter(None, [plan_text(plan), extra(None)])), flush=True)
+    if cfg.dry_run:
+        return None
+    enforce(memory, cfg)  # before anything is written or loaded
+    resume_from = prepare_output_dir(cfg)
+    metrics = train_run(place, resume_from, plan)
+    if is_main_process():
+        print("\n".join(filter(None, [summary_table(metrics), extra(metrics)])), flush=True)
+    return metrics
+
+
 def run(cfg: TrainConfig) -> dict | None:
     model_config = load_model_config(cfg.model_name)
     check_trainable(cfg, model_config)
     tokenizer = load_tokenizer(cfg.model_name)
     data = prepare_data(cfg, tokenizer)
-    place = placement(cfg)
-    plan = make_plan(cfg, model_config, data, place)
-    memory = check_memory(cfg, plan, data.train_stats, place)
-    plan["memory_check"] = memory.verdict()
-    if is_main_process():
-        print(plan_text(plan), flush=True)
-    if cfg.dry_run:
-        return None
-    enforce(memory, cfg)  # before anything is written or loaded
-    resume_from = prepare_output_dir(cfg)
-    metrics = train(cfg, tokenizer, data, place, resume_from, plan)
-    if is_main_process():
-        print(summary_table(metrics), flush=True)
-    return metrics
+    return plan_then_train(
+        cfg,
+        model_config,
+        data,
+        lambda place, resume_from, plan: train(cfg, tokenizer, data, place, resume_from, plan),
+    )
 
 
 def main(

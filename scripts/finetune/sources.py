@@ -184,9 +184,13 @@ def inference_placement(dtype: str = "auto") -> tuple[str, torch.dtype]:
 def load_causal_lm(name: str, flag: str, **kwargs):
     from transformers import AutoModelForCausalLM
 
+    from .model import hub_failure
+
     try:
         return AutoModelForCausalLM.from_pretrained(os.path.expanduser(name), **kwargs)
-    except (OSError, ValueError, ImportError) as exc:
+    except (OSError, ValueError) as exc:  # offline, gated, missing: the same hints as the training scripts
+        raise hub_failure(name, exc, flag) from None
+    except ImportError as exc:
         raise UserError(
             f"{flag} {name}: cannot load the model ({str(exc).strip().splitlines()[0]})"
         ) from None
