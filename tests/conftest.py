@@ -55,6 +55,26 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def odd_width_model(tiny_model, tmp_path_factory) -> Path:
+    """The tiny model's tokenizer on a Llama whose MLP is 176 wide: shapes that kernels built around blocks of
+    32 (bitsandbytes' packed CPU path, GGUF's q8_0) cannot take whole."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("odd") / "model"
+    config = AutoConfig.from_pretrained(tiny_model)
+    config.intermediate_size = 176
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        LlamaForCausalLM(config).save_pretrained(out)
+    for file in tiny_model.glob("*token*"):
+        shutil.copy(file, out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def run_script(tmp_path_factory):
     """Run a playbook script as a user would: `python scripts/<name>.py ...`, offline, from another directory."""
     home = tmp_path_factory.mktemp("home")

@@ -79,7 +79,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(capsys, tiny_model, tmp_path
     )  # fmt: skip
     plan = capsys.readouterr().out
     for text in (
-        "223,552 total",
+        "557,696 total",
         "trainable",
         "training examples",
         "optimizer steps",

@@ -157,6 +157,27 @@ def check_bitsandbytes(device: str) -> None:
         ) from None
 
 
+# bitsandbytes >= 0.49, on a CPU with AVX512-BF16, repacks a 4-bit weight for its fast kernel the first time the
+# layer runs in inference mode. The repacking needs out_features in whole blocks of 32 rows and in_features in whole
+# quantization blocks (64 values), and fails otherwise. Real Llama shapes always fit; a layer that does not keeps
+# the generic CPU kernel, which computes the same result.
+BNB_CPU_ROW_BLOCK = 32
+
+
+def keep_unpackable_4bit_layers_generic(model) -> list[str]:
+    """Route 4-bit layers whose shape bitsandbytes' packed CPU kernel cannot take to its generic kernel; return
+    their names. A no-op on bitsandbytes releases without that kernel."""
+    names = []
+    for name, module in model.named_modules():
+        if not getattr(module, "support_avx512bf16_for_cpu", False):
+            continue
+        blocksize = getattr(getattr(module.weight, "quant_state", None), "blocksize", 64)
+        if module.out_features % BNB_CPU_ROW_BLOCK or module.in_features % blocksize:
+            module.support_avx512bf16_for_cpu = False
+            names.append(name)
+    return names
+
+
 def _quantization_config(cfg: TrainConfig, model_config, place: Placement):
     if cfg.method != "qlora" or is_prequantized(model_config):
         return None
@@ -217,6 +238,8 @@ def load_base(cfg: TrainConfig, model_config, place: Placement, name: str = "", 
 
     if four_bit:
         from peft import prepare_model_for_kbit_training
+
+        keep_unpackable_4bit_layers_generic(model)
 
         model = prepare_model_for_kbit_training(
             model,
