@@ -57,19 +57,21 @@
             };
 
           # `nix run .#<name> -- --help`: the script with the CUDA Python, the host driver linked in
-          # on non-NixOS systems like in the devShell.
+          # on non-NixOS systems like in the devShell; or with the CPU Python where it asks for it.
           appFor =
             playbook:
             let
-              program = gpu.writeShellApplication {
+              cpuOnly = playbook.cpuOnly or false;
+              pkgs = if cpuOnly then cpu else gpu;
+              program = pkgs.writeShellApplication {
                 inherit (playbook) name;
                 runtimeInputs = [
-                  gpu.llm-finetune-python
-                  gpu.coreutils
-                  gpu.findutils
+                  pkgs.llm-finetune-python
+                  pkgs.coreutils
+                  pkgs.findutils
                 ];
                 text = ''
-                  ${builtins.readFile ./playbooks/pytorch-fine-tune/host-driver.sh}
+                  ${lib.optionalString (!cpuOnly) (builtins.readFile ./playbooks/pytorch-fine-tune/host-driver.sh)}
                   exec python ${playbook.path} "$@"
                 '';
               };
