@@ -34,7 +34,9 @@ let
     fsspec.version = "2025.10.0";
     click.version = "8.3.1";
     httpx.version = "0.28.1";
-    # nixpkgs builds hf-xet from source (Rust); the newest nixpkgs hf-xet seen before 1.7.0.
+    # nixpkgs builds hf-xet from source (Rust). Its version at the pin is not confirmed; nixpkgs
+    # has shipped 1.5.0, older than the 1.5.2 huggingface-hub >= 1.28 asks for, with a hub that
+    # relaxes the bound (below). The tests also cover a new enough one.
     hf-xet = {
       version = "1.5.0";
       doCheck = false;
