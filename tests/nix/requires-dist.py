@@ -56,18 +56,19 @@ ENVIRONMENTS = [
 def metadata(name: str, version: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
+        # --isolated: PyPI itself, whatever mirrors or constraints this machine's pip config names.
+        command = [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--isolated",
+            "--index-url",
+            "https://pypi.org/simple",
+        ]
+        command += ["--quiet", "--disable-pip-version-check", "--dry-run", "--no-deps", "--ignore-installed"]
         subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--dry-run",
-                "--no-deps",
-                "--ignore-installed",
-            ]
-            + ["--report", str(report), f"{name}=={version}"],
+            [*command, "--report", str(report), f"{name}=={version}"],
             check=True,
         )
         (item,) = json.loads(report.read_text())["install"]
