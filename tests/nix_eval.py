@@ -5,7 +5,7 @@ Nix, in this order:
   2. $NIX_ROOT: a root file system made by tests/nix/nix-root.sh (Debian trixie's nix-bin 2.26),
      used with chroot;
   3. .nix-root/ in the repository (git-ignored), made by tests/nix/nix-root.sh the first time the
-     tests run as root on a machine with mmdebstrap (about half a minute, ~280 MB).
+     tests run as root on a machine with mmdebstrap (a minute or two, ~290 MB).
 nixpkgs' lib: $NIXPKGS_LIB, else shared/nixpkgs-lib/lib beside the repository or its parent.
 Where either is missing, the tests that need it are skipped with the reason.
 """

@@ -2,7 +2,7 @@
 # Make DIR a Debian trixie root with Nix 2.26 (Debian's nix-bin), git and CA certificates, for
 # evaluating the flake where no modern Nix is installed (tests/test_flake.py does this itself):
 #
-#   sudo tests/nix/nix-root.sh .nix-root          # about half a minute, ~280 MB; needs mmdebstrap
+#   sudo tests/nix/nix-root.sh .nix-root          # a minute or two, ~290 MB; needs mmdebstrap
 #   sudo chroot .nix-root nix --version
 #
 # Idempotent: a root that already has nix is kept, and /proc is mounted in it when it is not.

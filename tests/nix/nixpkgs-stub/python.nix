@@ -105,6 +105,7 @@ let
     };
     # With CUDA, nixpkgs' triton finds the CUDA toolkit's ptxas itself: it applies
     # 0004-nvidia-allow-static-ptxas-path.patch with this value (cuda_nvcc's ptxas).
+    # (Its version is not read from nixpkgs; only the ptxas patch matters to the tests.)
     triton = {
       version = "3.5.0";
       deps = [
