@@ -1,9 +1,10 @@
 {
   description = "Reproducible LLM fine-tuning on NVIDIA GPUs (DGX Spark, H100, RTX): a pinned PyTorch stack and playbook scripts";
 
-  # The CUDA packages (torch, triton, bitsandbytes with CUDA) are built by the nixos-cuda binary
-  # cache. Accept this with `--accept-flake-config` or by adding the cache to your nix.conf (see
-  # playbooks/pytorch-fine-tune/README.md); without it torch builds from source, for hours.
+  # The nix-community CUDA cache holds CUDA builds of nixpkgs (torch, triton, ...) for x86_64-linux
+  # only. Accept it with `--accept-flake-config` or in your nix.conf; without it, and on
+  # aarch64-linux always, the CUDA shells build torch from source, for hours. What each shell
+  # downloads and builds, per system: playbooks/pytorch-fine-tune/README.md.
   nixConfig = {
     extra-substituters = [ "https://cache.nixos-cuda.org" ];
     extra-trusted-public-keys = [
@@ -79,6 +80,8 @@
             {
               type = "app";
               program = lib.getExe program;
+              # Nix >= 2.26's `flake check` warns about apps without it.
+              meta.description = playbook.summary;
             };
 
           # Runs a script's smoke commands (scripts.nix) on the tiny model and the shipped data, on the

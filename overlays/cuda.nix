@@ -19,7 +19,8 @@
 # Presets (see playbooks/pytorch-fine-tune/README.md for the trade-off):
 #   default  config.cudaCapabilities unset: nixpkgs' default list, every non-Jetson baseline
 #            capability CUDA 12.9 supports (Turing 7.5 up to Blackwell 12.x, 9.0 included).
-#            This is what https://cache.nixos-cuda.org builds, so it gives cache hits.
+#            This is what https://cache.nixos-cuda.org builds (x86_64-linux only), so it
+#            gives cache hits there; aarch64-linux has no CUDA cache.
 #            (sm_120 code also runs on 12.1: same major, binary compatible.)
 #   spark    [ "12.1" ]  DGX Spark / GB10 only. Smaller, but torch builds from source (hours).
 #   h100     [ "9.0" ]   H100 / H200 / GH200 only. Same trade-off.

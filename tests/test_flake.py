@@ -1,25 +1,30 @@
 """Tests of the Nix layer: flake.nix, flake.lock, overlays/ and playbooks/.
 
 Nix cannot build anything here (no binary cache, no nixpkgs download), so the flake is evaluated
-against the nixpkgs stand-in in tests/nix/nixpkgs-stub with `--override-input`. These tests need
-`nix` (Debian's nix-bin, 2.8 or newer) and `git`; without them they are skipped. The lock file and
-the host-driver shell snippet are checked without Nix.
+with Nix >= 2.26 against the nixpkgs stand-in in tests/nix/nixpkgs-stub, which runs on nixpkgs'
+real lib and models the checks nixpkgs makes (config defaults, meta, `disabled`, runtime
+dependencies). tests/nix_eval.py finds or makes that Nix and finds the lib; without them these tests
+are skipped with the reason. The lock file, constraints.txt and the host-driver shell snippet are
+checked without Nix.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+from nix_eval import Nix, find_nix, find_nixpkgs_lib
 
 REPO = Path(__file__).resolve().parent.parent
 STUB = Path("tests/nix/nixpkgs-stub")
 SYSTEMS = ("x86_64-linux", "aarch64-linux")
 HOST_DRIVER = REPO / "playbooks" / "pytorch-fine-tune" / "host-driver.sh"
+PLAYBOOK_README = REPO / "playbooks" / "pytorch-fine-tune" / "README.md"
 
 # Mirrors playbooks/pytorch-fine-tune/scripts.nix: app name -> (script, variable, expected outputs).
 TRAINED = ["run/final/adapter_model.safetensors", "run/metrics.json"]
@@ -39,99 +44,128 @@ PLAYBOOKS = {
 # The demo builds its own tiny model, as a user's first command would.
 BUILDS_ITS_OWN_MODEL = {"demo"}
 # What each smoke check must run, besides its script on the tiny model (the data it reads, the subcommands).
+# nixpkgs' escapeShellArgs leaves words like these unquoted.
 SMOKE_NEEDLES = {
     "llama3-8b-lora": ["tests/data/alpaca.jsonl", "--max_steps"],
     "llama3-3b-full": ["tests/data/alpaca.jsonl", "--max_steps"],
     "llama3-70b-qlora": ["tests/data/alpaca.jsonl", "--max_steps"],
     # DPO goes on from an SFT run's output directory.
-    "llama3-8b-dpo": ["tests/data/alpaca.jsonl", "tests/data/preference.jsonl", "'--model_name' 'sft'"],
-    "export": ["'merge' '--adapter' 'sft'", "'gguf'", "'q8_0'", "'ollama'"],
-    "evaluate": ["'generate'", "'eval'"],
-    "demo": ["'--workdir'", "'--steps'"],
+    "llama3-8b-dpo": ["tests/data/alpaca.jsonl", "tests/data/preference.jsonl", "--model_name sft "],
+    "export": ["merge --adapter sft ", " gguf ", " q8_0", " ollama "],
+    "evaluate": [" generate ", " eval "],
+    "demo": ["--workdir demo ", "--steps "],
 }
-
-NIX = shutil.which("nix")
-NIX_INSTANTIATE = shutil.which("nix-instantiate")
-GIT = shutil.which("git")
-
-needs_nix = pytest.mark.skipif(
-    not (NIX and NIX_INSTANTIATE and GIT),
-    reason="nix and git are needed to evaluate the flake (Debian/Ubuntu: apt-get install -y nix-bin git)",
-)
-
-
-def _store_args(tmp: Path) -> list[str]:
-    # Evaluation copies sources into a store. Root uses /nix/store; anyone else without write access
-    # to /nix gets a store of their own under the temporary directory.
-    if os.geteuid() != 0 and not os.access("/nix", os.W_OK):
-        return ["--store", str(tmp / "store")]
-    return []
-
-
-def _run(cmd: list[str], cwd: Path, what: str, timeout: int = 180) -> subprocess.CompletedProcess:
-    env = dict(os.environ, NIX_CONFIG="warn-dirty = false\naccept-flake-config = false\n")
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        tail = "\n".join(proc.stderr.strip().splitlines()[-40:])
-        pytest.fail(f"{what} failed (exit {proc.returncode}):\n$ {' '.join(cmd)}\n{tail}", pytrace=False)
-    return proc
 
 
 def _repo_files() -> list[str]:
     """The files a fresh clone would have: tracked plus untracked-but-not-ignored ones."""
-    if GIT and (REPO / ".git").exists():
+    if shutil.which("git") and (REPO / ".git").exists():
         out = subprocess.run(
-            [GIT, "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
             cwd=REPO,
             capture_output=True,
             check=True,
         ).stdout
         return [f for f in out.decode().split("\0") if f and (REPO / f).is_file()]
-    skip = {".git", "__pycache__", ".pytest_cache", ".ruff_cache", "result"}
+    skip = {".git", "__pycache__", ".pytest_cache", ".ruff_cache", "result", ".nix-root"}
     return [
         str(p.relative_to(REPO))
         for p in REPO.rglob("*")
-        if p.is_file() and not skip.intersection(p.relative_to(REPO).parts)
+        if p.is_file()
+        and not skip.intersection(p.relative_to(REPO).parts)
+        and (REPO / STUB / "lib") not in p.parents
     ]
+
+
+def _constraint(name: str) -> str | None:
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        m = re.fullmatch(rf"{re.escape(name)}==(\S+)", line.strip())
+        if m:
+            return m.group(1)
+    return None
+
+
+class Flake:
+    """A git copy of the repository with nixpkgs' lib inside the stand-in and flake.lock pointing at
+    the stand-in (flakes only see files git knows; pure evaluation only reads inside the flake)."""
+
+    def __init__(self, nix: Nix, lib: Path):
+        self.nix = nix
+        self.scratch = nix.scratch()
+        self.root = self.scratch / "repo"
+        try:
+            self._make(lib)
+        except BaseException:
+            self.close()
+            raise
+
+    def _make(self, lib: Path):
+        for rel in _repo_files():
+            dest = self.root / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, dest)
+        shutil.copytree(lib, self.root / STUB / "lib")
+        for args in (["git", "init", "-q"], ["git", "add", "-A"]):
+            self.run(args, f"git {args[1]}")
+        stub = self.nix.inside(self.root / STUB)
+        self.run(
+            ["nix", "flake", "lock", "--offline", "--override-input", "nixpkgs", f"path:{stub}"],
+            "nix flake lock",
+        )
+        # Non-flake evaluations of the stand-in and the overlays, as `import nixpkgs { ... }` would.
+        self.prelude = f"""
+          let
+            repo = {self.nix.inside(self.root)};
+            stub = import (repo + "/tests/nix/nixpkgs-stub");
+            cuda = import (repo + "/overlays/cuda.nix");
+            ours = import (repo + "/overlays/default.nix");
+            pkgsFor = {{ system, variant ? {{ }}, overlays ? [ ours ] }}:
+              stub {{ inherit system overlays; config = cuda.nixpkgsConfig variant; }};
+          in
+        """
+
+    def run(self, args: list[str], what: str, check: bool = True, timeout: int = 300):
+        proc = self.nix.run(args, self.root, timeout=timeout)
+        if check and proc.returncode != 0:
+            tail = "\n".join(proc.stderr.strip().splitlines()[-40:])
+            pytest.fail(f"{what} failed (exit {proc.returncode}):\n$ {' '.join(args)}\n{tail}", pytrace=False)
+        return proc
+
+    def eval(self, attr: str, apply: str | None = None):
+        args = ["nix", "eval", "--json", "--offline", f".#{attr}"]
+        if apply:
+            args += ["--apply", apply]
+        return json.loads(self.run(args, f"nix eval .#{attr}").stdout)
+
+    def eval_expr(self, body: str, check: bool = True):
+        """`body` evaluated after the prelude (pkgsFor, ours, stub ...); JSON, or the failed process."""
+        args = ["nix", "eval", "--json", "--impure", "--offline", "--expr", self.prelude + body]
+        proc = self.run(args, "nix eval --expr", check=check)
+        return json.loads(proc.stdout) if check else proc
+
+    def close(self):
+        shutil.rmtree(self.scratch, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
-def flake(tmp_path_factory) -> dict:
-    """A git copy of the repository (flakes only see files git knows) and helpers to evaluate it."""
-    tmp = tmp_path_factory.mktemp("flake")
-    root = tmp / "repo"
-    for rel in _repo_files():
-        dest = root / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / rel, dest)
-    subprocess.run([GIT, "init", "-q"], cwd=root, check=True)
-    subprocess.run([GIT, "add", "-A"], cwd=root, check=True)
-    stub = root / STUB
-    common = [
-        "--extra-experimental-features",
-        "nix-command flakes",
-        *_store_args(tmp),
-        "--offline",
-        "--no-write-lock-file",
-        "--override-input",
-        "nixpkgs",
-        f"path:{stub}",
-    ]
-
-    def evaluate(attr: str, apply: str | None = None):
-        cmd = [NIX, "eval", "--json", *common, f"{root}#{attr}"]
-        if apply:
-            cmd += ["--apply", apply]
-        return json.loads(_run(cmd, root, f"nix eval .#{attr}").stdout)
-
-    return {"root": root, "tmp": tmp, "common": common, "eval": evaluate}
+def flake():
+    nix, lib = find_nix(), find_nixpkgs_lib()
+    if isinstance(nix, str):
+        pytest.skip(nix)
+    if isinstance(lib, str):
+        pytest.skip(lib)
+    made = Flake(nix, lib)
+    try:
+        yield made
+    finally:
+        made.close()
 
 
 @pytest.fixture(scope="module")
 def shells(flake) -> dict:
     # Every string attribute of every devShell (the exported variables, shellHook, name); not `type`
     # or `outPath`, which would make `nix eval --json` print the set as a store path.
-    return flake["eval"](
+    return flake.eval(
         "devShells",
         "ds: builtins.mapAttrs (_: shells: builtins.mapAttrs (_: s:"
         ' builtins.listToAttrs (builtins.concatMap (n: if !(builtins.elem n [ "type" "outPath" ]) && builtins.isString (s.${n} or null)'
@@ -142,13 +176,13 @@ def shells(flake) -> dict:
 @pytest.fixture(scope="module")
 def outputs(flake) -> dict:
     return {
-        "packages": flake["eval"](
+        "packages": flake.eval(
             "packages", "ps: builtins.mapAttrs (_: p: builtins.mapAttrs (_: d: d.outPath) p) ps"
         ),
-        "checks": flake["eval"](
+        "checks": flake.eval(
             "checks", "cs: builtins.mapAttrs (_: c: builtins.mapAttrs (_: d: d.buildCommand) c) cs"
         ),
-        "apps": flake["eval"]("apps"),
+        "apps": flake.eval("apps"),
     }
 
 
@@ -230,35 +264,72 @@ def test_host_driver_leaves_nixos_and_driverless_hosts_alone(tmp_path):
     assert "no NVIDIA driver found" in no_driver.stderr
 
 
+@pytest.mark.skipif(shutil.which("bash") is None, reason="bash is not installed")
+def test_host_driver_links_wsl_dxcore(tmp_path):
+    # WSL: libcuda in /usr/lib/wsl/lib reaches the Windows driver through libdxcore.
+    wsl = tmp_path / "wsl-lib"
+    wsl.mkdir()
+    for name in (
+        "libcuda.so",
+        "libcuda.so.1",
+        "libcuda.so.1.1",
+        "libdxcore.so",
+        "libnvidia-ml.so.1",
+        "libd3d12.so",
+    ):
+        (wsl / name).write_text("")
+    links = tmp_path / "links"
+    proc = _source_host_driver(
+        tmp_path,
+        {
+            "LLM_FINETUNE_NIXOS_DRIVER_DIR": str(tmp_path / "none"),
+            "LLM_FINETUNE_DRIVER_SEARCH_PATH": str(wsl),
+            "LLM_FINETUNE_DRIVER_LINK_DIR": str(links),
+        },
+    )
+    assert proc.returncode == 0, proc.stderr
+    linked = sorted(p.name for p in links.iterdir())
+    assert linked == ["libcuda.so", "libcuda.so.1", "libcuda.so.1.1", "libdxcore.so", "libnvidia-ml.so.1"], (
+        linked
+    )
+
+
+def test_constraints_pin_the_tools_the_flake_uses():
+    # The flake's lint check runs nixpkgs' ruff; pip installs must format the same way.
+    assert _constraint("ruff"), (
+        "constraints.txt must pin ruff (at nixpkgs' version, see tests/nix/nixpkgs-stub)"
+    )
+    # huggingface-hub 1.31 needs hf-xet >= 1.5.2.
+    hf_xet = _constraint("hf-xet")
+    assert hf_xet and tuple(int(x) for x in hf_xet.split(".")[:3]) >= (1, 5, 2), hf_xet
+
+
 # --- with Nix ----------------------------------------------------------------------------------
 
 
-@needs_nix
 def test_every_nix_file_parses(flake):
-    files = sorted(p for p in flake["root"].rglob("*.nix") if ".git" not in p.parts)
-    assert files, "no .nix files found"
+    files = sorted(
+        p
+        for p in flake.root.rglob("*.nix")
+        if ".git" not in p.parts and (flake.root / STUB / "lib") not in p.parents
+    )
+    assert len(files) > 5, files
     for path in files:
-        _run(
-            [NIX_INSTANTIATE, "--parse", str(path)],
-            flake["root"],
-            f"parsing {path.relative_to(flake['root'])}",
+        flake.run(
+            ["nix-instantiate", "--parse", flake.nix.inside(path)], f"parsing {path.relative_to(flake.root)}"
         )
 
 
-@needs_nix
-def test_flake_check_evaluates_both_systems(flake):
-    # Nix evaluates every system in `flake check`; --no-build because the stand-in cannot build.
-    _run(
-        [NIX, "flake", "check", "--no-build", *flake["common"], str(flake["root"])],
-        flake["root"],
-        "nix flake check",
-    )
+def test_flake_check_passes_without_warnings(flake):
+    # What `nix flake check` says to a user with Nix >= 2.26 (e.g. apps without meta.description).
+    proc = flake.run(["nix", "flake", "check", "--no-build", "--all-systems", "--offline"], "nix flake check")
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
+    assert not warnings, "\n".join(warnings)
     for output in ("packages", "devShells", "apps", "checks", "formatter"):
-        systems = flake["eval"](output, "builtins.attrNames")
+        systems = flake.eval(output, "builtins.attrNames")
         assert sorted(systems) == sorted(SYSTEMS), f"{output} covers {systems}"
 
 
-@needs_nix
 def test_devshells_export_the_playbook_scripts(shells, outputs):
     for system in SYSTEMS:
         scripts_out = outputs["packages"][system]["scripts"]
@@ -278,17 +349,19 @@ def test_devshells_export_the_playbook_scripts(shells, outputs):
             for var in exported:
                 assert f"${var}" in hook, f"the help of {system}.{shell_name} does not mention ${var}"
             assert "hf auth login" in hook and "HF_HUB_OFFLINE=1" in hook
+            # nixpkgs' triton finds its own CUDA toolkit's ptxas (test_cuda_python_set below).
+            assert not any(k.startswith("TRITON_PTXAS") for k in env), (
+                f"{system}.{shell_name} overrides ptxas"
+            )
             if shell_name.endswith("-cpu"):
-                assert "TRITON_PTXAS_PATH" not in env and "llm_finetune_host_driver" not in hook
+                assert "llm_finetune_host_driver" not in hook
             else:
-                assert env["TRITON_PTXAS_PATH"].endswith("/bin/ptxas"), env.get("TRITON_PTXAS_PATH")
                 assert "llm_finetune_host_driver" in hook, (
                     "CUDA shells must link the host driver on non-NixOS"
                 )
     assert "pytorch-fine-tune-spark" in shells["aarch64-linux"]
 
 
-@needs_nix
 def test_checks_run_each_playbook_script(shells, outputs):
     for system in SYSTEMS:
         checks = outputs["checks"][system]
@@ -299,8 +372,9 @@ def test_checks_run_each_playbook_script(shells, outputs):
             command = checks.get(f"smoke-{name}")
             assert command is not None, f"checks.{system}.smoke-{name} is missing"
             # The very path the devShell exports, on the tiny model, offline, with a HOME of its own.
-            assert f"python '{env[var]}' " in command, f"smoke-{name} does not run ${var}"
-            on_tiny_model = [] if name in BUILDS_ITS_OWN_MODEL else [f"'--model_name' '{tiny_model}'"]
+            # (nixpkgs' escapeShellArg leaves store paths unquoted.)
+            assert f"python {env[var]} " in command, f"smoke-{name} does not run ${var}"
+            on_tiny_model = [] if name in BUILDS_ITS_OWN_MODEL else [f"--model_name {tiny_model}"]
             for needle in (*on_tiny_model, *SMOKE_NEEDLES[name]):
                 assert needle in command, f"smoke-{name} lacks {needle!r}"
             for expected in expects:
@@ -313,11 +387,23 @@ def test_checks_run_each_playbook_script(shells, outputs):
         assert set(apps) == set(PLAYBOOKS), sorted(apps)
         for name, app in apps.items():
             assert app["type"] == "app" and app["program"].endswith(f"/bin/{name}")
+            assert app["meta"]["description"], f"apps.{system}.{name} has no meta.description"
 
 
-@needs_nix
+def test_lint_check_runs_the_ruff_constraints_pin(flake):
+    tools = flake.eval(
+        "checks",
+        "cs: builtins.mapAttrs (_: c: map (d: { inherit (d) pname version; }) c.lint.nativeBuildInputs) cs",
+    )
+    for system in SYSTEMS:
+        ruff = [t["version"] for t in tools[system] if t["pname"] == "ruff"]
+        assert ruff == [_constraint("ruff")], (
+            f"{system}: the lint check runs ruff {ruff}, constraints.txt pins {_constraint('ruff')}"
+        )
+
+
 def test_python_set_fixes_and_cuda_presets(flake):
-    summary = flake["eval"](
+    summary = flake.eval(
         "devShells.aarch64-linux",
         "ds: builtins.mapAttrs (_: s: let env = builtins.head s.packages; ps = env.pkgs; in {"
         " packages = env.packageNames; hub = ps.huggingface-hub.version; trl = ps.trl.version;"
@@ -341,12 +427,257 @@ def test_python_set_fixes_and_cuda_presets(flake):
     assert not any("COMPUTE_CAPABILITY" in f for f in summary["pytorch-fine-tune"]["bnb"])
 
 
-@needs_nix
-def test_stand_in_rejects_unknown_python_packages(flake):
-    expr = (
-        f'(import {flake["root"] / STUB} {{ system = "x86_64-linux"; }})'
-        ".python3.withPackages (ps: [ ps.torhc ])"
+# What each variant builds on the user's machine: the Python packages of llm-finetune's closure whose
+# derivation differs from nixpkgs' own (so no binary cache has them), and whether that build would
+# run a test suite.
+LOCAL_BUILDS = """
+  let
+    closure = pkg: builtins.genericClosure {
+      startSet = [ { key = pkg.pname; inherit pkg; } ];
+      operator = item: map (d: { key = d.pname or d.name; pkg = d; }) (item.pkg.dependencies or [ ]);
+    };
+    localBuilds = system: variant:
+      let
+        ours = (pkgsFor { inherit system variant; }).python3.pkgs;
+        plain = (pkgsFor { inherit system variant; overlays = [ ]; }).python3.pkgs;
+        # nixpkgs' own drvPath; a package that does not evaluate there is not cached either.
+        cached = name: drv:
+          plain ? ${name} && (let p = builtins.tryEval plain.${name}.drvPath; in p.success && p.value == drv.drvPath);
+      in
+      builtins.listToAttrs (builtins.concatMap (item:
+        if cached item.key item.pkg then [ ] else [ { name = item.key; value = item.pkg.runsTests or false; } ]
+      ) (closure ours.llm-finetune));
+  in
+  builtins.listToAttrs (map (system: {
+    name = system;
+    value = {
+      cuda = localBuilds system { };
+      cpu = localBuilds system { cudaSupport = false; };
+      spark = localBuilds system { preset = "spark"; };
+    };
+  }) [ "x86_64-linux" "aarch64-linux" ])
+"""
+
+# The huggingface-hub override and what depends on it, hf-xet (where nixpkgs' is older than the hub
+# needs), trl 0.29 and this project's package.
+EXPECTED_LOCAL = {
+    "huggingface-hub",
+    "hf-xet",
+    "tokenizers",
+    "transformers",
+    "datasets",
+    "accelerate",
+    "peft",
+    "trl",
+    "llm-finetune",
+}
+
+
+@pytest.fixture(scope="module")
+def local_builds(flake) -> dict:
+    return flake.eval_expr(LOCAL_BUILDS)
+
+
+def test_default_shells_take_nixpkgs_cuda_packages_as_they_are(local_builds):
+    for system in SYSTEMS:
+        for variant in ("cuda", "cpu"):
+            local = local_builds[system][variant]
+            # torch and bitsandbytes (CUDA builds take hours) come from nixpkgs as they are.
+            assert set(local) == EXPECTED_LOCAL, f"{system} {variant} builds locally: {sorted(local)}"
+        # A narrowed preset rebuilds bitsandbytes for its one capability (and torch, in nixpkgs).
+        assert "bitsandbytes" in local_builds[system]["spark"], sorted(local_builds[system]["spark"])
+
+
+def test_local_builds_skip_test_suites(local_builds):
+    # The hub override rebuilds its dependents on the user's machine; none of those builds may run
+    # the package's test suite (nixpkgs' accelerate runs its whole `tests` directory).
+    for system in SYSTEMS:
+        for variant, local in local_builds[system].items():
+            running = sorted(name for name, runs in local.items() if runs)
+            assert not running, f"{system} {variant}: local builds would run the test suites of {running}"
+
+
+def test_overlay_accepts_pythonRelaxDeps_true(flake):
+    # nixpkgs allows `pythonRelaxDeps = true` (relax every bound); the overlay must keep working
+    # where nixpkgs sets it on a package the overlay changes.
+    result = flake.eval_expr("""
+      let
+        relaxAll = final: prev: {
+          pythonPackagesExtensions = prev.pythonPackagesExtensions ++ [
+            (pf: pp: builtins.listToAttrs (map (name: {
+              inherit name;
+              value = pp.${name}.overridePythonAttrs { pythonRelaxDeps = true; };
+            }) [ "huggingface-hub" "transformers" "trl" ]))
+          ];
+        };
+        pkgs = pkgsFor { system = "x86_64-linux"; overlays = [ relaxAll ours ]; };
+        ps = pkgs.python3.pkgs;
+      in {
+        env = builtins.isString pkgs.llm-finetune-python.drvPath;
+        relaxed = map (n: ps.${n}.pythonRelaxDeps) [ "huggingface-hub" "transformers" "trl" ];
+      }
+    """)
+    assert result == {"env": True, "relaxed": [True, True, True]}, result
+
+
+def test_hub_gets_the_hf_xet_it_requires(flake):
+    # huggingface-hub >= 1.29 requires hf-xet >= 1.5.2 (Xet downloads: Llama and most models); the
+    # bound must be met, not relaxed away. Where nixpkgs' hf-xet is new enough it is used as it is.
+    result = flake.eval_expr("""
+      let
+        report = system: hfXet:
+          let
+            bump = final: prev: {
+              pythonPackagesExtensions = prev.pythonPackagesExtensions ++ [
+                (pf: pp: { hf-xet = pp.hf-xet.overridePythonAttrs { version = hfXet; }; })
+              ];
+            };
+            base = if hfXet == null then [ ] else [ bump ];
+            ps = (pkgsFor { inherit system; overlays = base ++ [ ours ]; }).python3.pkgs;
+            plain = (pkgsFor { inherit system; overlays = base; }).python3.pkgs;
+          in {
+            hub = builtins.isString ps.huggingface-hub.drvPath;
+            relaxed = ps.huggingface-hub.pythonRelaxDeps or [ ];
+            version = ps.hf-xet.version;
+            url = ps.hf-xet.src.url or null;
+            nixpkgs = ps.hf-xet.drvPath == plain.hf-xet.drvPath;
+          };
+      in {
+        x86_64-linux = report "x86_64-linux" null;
+        aarch64-linux = report "aarch64-linux" null;
+        newer = report "aarch64-linux" "1.7.0";
+      }
+    """)
+    for system, machine in (("x86_64-linux", "x86_64"), ("aarch64-linux", "aarch64")):
+        r = result[system]
+        assert r["hub"] is True
+        assert r["relaxed"] is not True and "hf-xet" not in r["relaxed"], r["relaxed"]
+        assert r["version"] == _constraint("hf-xet"), r
+        assert r["url"].startswith("https://files.pythonhosted.org/") and r["url"].endswith(
+            f"_{machine}.whl"
+        ), r
+        assert r["nixpkgs"] is False
+    assert result["newer"]["version"] == "1.7.0" and result["newer"]["nixpkgs"] is True, result["newer"]
+
+
+def test_cuda_python_set_uses_tritons_own_ptxas(flake):
+    # nixpkgs' triton is patched to use its CUDA toolkit's ptxas, so the shells set no TRITON_PTXAS_*.
+    result = flake.eval(
+        "devShells",
+        "ds: builtins.mapAttrs (_: s: let ps = (builtins.head s.pytorch-fine-tune.packages).pkgs; in {"
+        " torch = map (d: d.pname) ps.torch.dependencies; paths = ps.triton.nixpkgsExtraBinaryPaths or null;"
+        ' ptxas = "${ps.torch.cudaPackages.cuda_nvcc.bin}/bin/ptxas"; }) ds',
     )
-    cmd = [NIX_INSTANTIATE, *_store_args(flake["tmp"]), "--eval", "--expr", f"({expr}).drvPath"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    for system in SYSTEMS:
+        r = result[system]
+        assert "triton" in r["torch"], r
+        assert r["paths"] == r["ptxas"], (
+            f"{system}: triton looks for ptxas at {r['paths']}, the CUDA is {r['ptxas']}"
+        )
+
+
+# --- the stand-in models what nixpkgs does -----------------------------------------------------
+
+
+def test_stand_in_has_nixpkgs_config_defaults(flake):
+    config = flake.eval_expr("""
+      let c = (stub { system = "x86_64-linux"; }).config; in {
+        inherit (c) cudaSupport cudaCapabilities cudaForwardCompat allowUnfree allowBroken;
+      }
+    """)
+    assert config == {
+        "cudaSupport": False,
+        "cudaCapabilities": [],
+        "cudaForwardCompat": True,
+        "allowUnfree": False,
+        "allowBroken": False,
+    }
+    wrong = flake.eval_expr(
+        '(stub { system = "x86_64-linux"; config.cudaCapabilities = "8.9"; }).config.cudaCapabilities',
+        check=False,
+    )
+    assert wrong.returncode != 0 and "cudaCapabilities" in wrong.stderr, wrong.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    ("change", "config", "expected"),
+    [
+        ("{ meta.broken = true; }", "{ }", "is marked as broken"),
+        (
+            '{ meta.platforms = [ "aarch64-linux" ]; }',
+            "{ }",
+            "is not available on the requested hostPlatform",
+        ),
+        ("{ meta.license = final.lib.licenses.nvidiaCudaRedist; }", "{ }", "unfree license"),
+        ('{ disabled = pf.pythonAtLeast "3.14"; }', "{ }", "not supported for interpreter python3.14"),
+        ("{ dependencies = [ ]; }", "{ }", "huggingface-hub not installed"),
+        (
+            '{ dependencies = [ (pf.huggingface-hub.overridePythonAttrs { version = "2.0.1"; }) ]; }',
+            "{ }",
+            "huggingface-hub<2.0,>=0.16.4 not satisfied by version 2.0.1",
+        ),
+        ("{ meta.broken = true; }", "{ allowBroken = true; }", None),
+    ],
+    ids=["broken", "platforms", "unfree", "disabled", "missing-dependency", "unmet-bound", "allow-broken"],
+)
+def test_stand_in_refuses_what_nixpkgs_refuses(flake, change, config, expected):
+    # Each change is made to nixpkgs' tokenizers (which requires huggingface-hub >=0.16.4,<2.0).
+    proc = flake.eval_expr(
+        f"""
+      let
+        pkgs = stub {{
+          system = "x86_64-linux";
+          config = {config};
+          overlays = [ (final: prev: {{
+            pythonPackagesExtensions = prev.pythonPackagesExtensions ++ [
+              (pf: pp: {{ tokenizers = pp.tokenizers.overridePythonAttrs ({change}); }})
+            ];
+          }}) ];
+        }};
+      in
+      builtins.isString (pkgs.python3.withPackages (ps: [ ps.tokenizers ])).drvPath
+    """,
+        check=False,
+    )
+    if expected is None:
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    else:
+        assert proc.returncode != 0 and expected in proc.stderr, proc.stderr[-2000:]
+
+
+def test_stand_in_rejects_unknown_python_packages(flake):
+    proc = flake.eval_expr(
+        '(stub { system = "x86_64-linux"; }).python3.withPackages (ps: [ ps.torhc ])', check=False
+    )
     assert proc.returncode != 0 and "torhc" in proc.stderr, proc.stderr
+
+
+def test_stand_in_runs_the_runtime_dependency_check_on_nixpkgs_own_set(flake):
+    # nixpkgs' datasets 5.1.0 requires huggingface-hub >= 1.31 and nixpkgs has 1.28: the reason for
+    # the overlay's hub update, found by the same check nixpkgs runs at build time.
+    proc = flake.eval_expr(
+        '(pkgsFor { system = "x86_64-linux"; overlays = [ ]; }).python3.pkgs.datasets.drvPath', check=False
+    )
+    assert proc.returncode != 0, proc.stdout
+    assert "huggingface-hub<3.0,>=1.31.0 not satisfied by version 1.28.0" in proc.stderr, proc.stderr[-2000:]
+
+
+# --- the README --------------------------------------------------------------------------------
+
+
+def test_readme_says_per_system_and_shell_what_is_cached(flake):
+    shells = flake.eval("devShells", "builtins.mapAttrs (_: builtins.attrNames)")
+    table = {}
+    for line in PLAYBOOK_README.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[0].startswith("`.#pytorch-fine-tune"):
+            table[(cells[0].strip("`").removeprefix(".#"), cells[1])] = (cells[2], cells[3])
+    documented = {(shell, system) for shell, system in table}
+    expected = {(shell, system) for system in SYSTEMS for shell in shells[system] if shell != "default"}
+    assert documented == expected, (
+        f"missing: {sorted(expected - documented)}, extra: {sorted(documented - expected)}"
+    )
+    # The nix-community CUDA cache builds x86_64-linux only: on aarch64-linux, CUDA torch is built locally.
+    for (shell, system), (cached, built) in table.items():
+        if system == "aarch64-linux" and not shell.endswith("-cpu"):
+            assert "cache.nixos-cuda.org" not in cached and "torch" in built, (shell, system, cached, built)

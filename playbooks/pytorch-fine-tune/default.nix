@@ -15,9 +15,6 @@
 let
   inherit (llm-finetune-scripts) playbooks;
 
-  # Triton's bundled ptxas predates sm_121a (DGX Spark); use the CUDA toolkit's own.
-  ptxas = lib.getExe' cudaPackages.cuda_nvcc "ptxas";
-
   scriptVariables = lib.mapAttrs' (
     _: playbook: lib.nameValuePair playbook.envVar playbook.path
   ) playbooks;
@@ -62,10 +59,10 @@ mkShell (
       python = llm-finetune-python;
     };
   }
+  # No TRITON_PTXAS_PATH / TRITON_PTXAS_BLACKWELL_PATH: nixpkgs' triton is built from source,
+  # bundles no ptxas, and is patched (0004-nvidia-allow-static-ptxas-path.patch) to add its CUDA
+  # toolkit's ptxas (`nixpkgsExtraBinaryPaths`: cuda_nvcc 12.9, which knows sm_121a) to every
+  # binary it looks up, the Blackwell ptxas included. Setting them could only point Triton at a
+  # different CUDA than its own. (A triton from PyPI bundles an older ptxas and needs them.)
   // scriptVariables
-  // lib.optionalAttrs cudaSupport {
-    TRITON_PTXAS_PATH = ptxas;
-    # Triton >= 3.5 uses a separate ptxas for Blackwell (sm_100 and up) when this is set.
-    TRITON_PTXAS_BLACKWELL_PATH = ptxas;
-  }
 )

@@ -38,7 +38,8 @@ llm_finetune_host_driver() {
     return 0
   fi
   find "$link_dir" -maxdepth 1 -type l -delete
-  for lib in "$found"/libcuda.so* "$found"/libcudadebugger.so* "$found"/libnvidia-*.so* "$found"/libnvcuvid.so*; do
+  # libdxcore: WSL's libcuda (in /usr/lib/wsl/lib) talks to the Windows driver through it.
+  for lib in "$found"/libcuda.so* "$found"/libcudadebugger.so* "$found"/libnvidia-*.so* "$found"/libnvcuvid.so* "$found"/libdxcore.so*; do
     if [ -e "$lib" ]; then
       ln -sf "$lib" "$link_dir/"
     fi

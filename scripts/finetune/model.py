@@ -140,20 +140,29 @@ def check_trainable(cfg: TrainConfig, model_config) -> None:
         )
 
 
+# Where 4-bit fails without a GPU: a bitsandbytes built for CUDA only (the flake's CUDA shell) may have no
+# CPU path, the CPU shell's does.
+CPU_QLORA_HINT = (
+    "without a GPU, use a bitsandbytes with its CPU backend: `nix develop .#pytorch-fine-tune-cpu` "
+    "with Nix, `pip install bitsandbytes` otherwise"
+)
+
+
 def check_bitsandbytes(device: str) -> None:
     """QLoRA needs bitsandbytes' 4-bit kernels on this device; find out before loading gigabytes."""
+    hint = CPU_QLORA_HINT if device == "cpu" else "use a newer bitsandbytes, or the LoRA playbook"
     try:
         import bitsandbytes.functional as bnbf
     except Exception as exc:  # ImportError, or a RuntimeError from a broken native library
-        raise UserError(f"QLoRA needs bitsandbytes, which cannot be imported here ({exc})") from None
+        raise UserError(f"QLoRA needs bitsandbytes, which cannot be imported here ({exc}); {hint}") from None
     try:
         probe = torch.randn(64, 64, device=device)
         packed, state = bnbf.quantize_4bit(probe, quant_type="nf4")
         bnbf.dequantize_4bit(packed, state)
     except Exception as exc:
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(
-            f"QLoRA: bitsandbytes cannot run 4-bit quantization on {device} ({str(exc).splitlines()[0]}); "
-            "use a newer bitsandbytes, or the LoRA playbook"
+            f"QLoRA: bitsandbytes cannot run 4-bit quantization on {device} ({first_line}); {hint}"
         ) from None
 
 
