@@ -7,6 +7,7 @@ A playbook script only changes defaults. Precedence: playbook defaults < `--conf
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import math
@@ -271,14 +272,19 @@ def yaml_values(data: dict, config_class: type, locate) -> dict:
     known = ({f.name for f in flag_fields(config_class)} - {"config", "strategy"}) | set(YAML_ONLY_KEYS)
     types_ = _field_types(config_class)
     defaults = {f.name: f.default for f in dataclasses.fields(config_class)}
-    values = {}
-    for raw, value in data.items():
+    for raw in data:  # every name first: a misspelt key is the likelier mistake
         key = str(raw).replace("-", "_")
         if key not in known:
             close = difflib.get_close_matches(key, sorted(known), n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise UserError(f"{locate(raw)}: unknown key {raw!r}{hint}; see --help for the valid names")
+    values = {}
+    for raw, value in data.items():
+        key = str(raw).replace("-", "_")
         expected = types_[key]
+        if expected is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            with contextlib.suppress(ValueError):
+                value = float(value)
         # `export` is checked by strategies.check_export, which knows its keys; None leaves an optional unset.
         if key == "export" or (value is None and defaults.get(key) is None):
             pass
