@@ -151,6 +151,20 @@ def test_sizing_turns_to_checkpointing_and_smaller_batches_when_memory_is_short(
     assert tight.estimate <= tight.usable and roomy.estimate <= roomy.usable
 
 
+def test_sizing_command_compares_each_strategy_with_the_estimator(tiny_model, tmp_path, capsys):
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        f"strategies:\n  tiny:\n    hardware: cpu\n    model_name: {tiny_model}\n    batch_size: 2\n"
+        "    gradient_accumulation_steps: 4\n    seq_length: 256\n"
+        "  elsewhere:\n    hardware: laptop\n    model_name: x\n"
+    )
+    strategies.main([str(path)])
+    tiny, elsewhere = capsys.readouterr().out.strip().splitlines()
+    assert tiny.startswith("tiny on cpu: the file has batch 2 x 4, seq 256, checkpointing off")
+    assert tiny.endswith(")") and "the estimator chooses batch 8 x 1, seq 256, checkpointing off" in tiny
+    assert elsewhere.startswith("elsewhere: skipped (hardware is none of dgx-spark, h100")
+
+
 @pytest.mark.parametrize(
     ("text", "argv", "expected"),
     [

@@ -249,7 +249,7 @@ def model_config_for(name: str):
         return LlamaConfig(**ARCHITECTURES[name])
     if Path(name).expanduser().is_dir():
         return AutoConfig.from_pretrained(name)
-    raise UserError(f"{name}: no configuration known for sizing; give a local model directory")
+    raise UserError(f"{name}: no such model directory, and not one of {', '.join(ARCHITECTURES)}")
 
 
 @dataclass
@@ -324,36 +324,47 @@ def preset_configs(path: str = "") -> dict[str, TrainConfig]:
     return configs
 
 
+def sizing_line(name: str, cfg: TrainConfig) -> str:
+    """One strategy's values beside the estimator's choice for its hardware."""
+    from .model import count_parameters
+    from .report import human_bytes
+
+    hardware = HARDWARE.get(cfg.strategy_info.get("hardware", ""))
+    if hardware is None:
+        return f"{name}: skipped (hardware is none of {', '.join(HARDWARE)})"
+    try:
+        model_config = model_config_for(cfg.model_name)
+    except UserError as exc:
+        return f"{name}: skipped ({exc})"
+    parameters = count_parameters(cfg, model_config)
+    chosen = size(cfg, model_config, hardware, cfg.batch_size * cfg.gradient_accumulation_steps, parameters)
+    given = estimate(cfg, model_config, hardware, parameters)
+
+    def values(sizing) -> str:
+        checkpointing = "on" if sizing.gradient_checkpointing else "off"
+        return (
+            f"batch {sizing.batch_size} x {sizing.gradient_accumulation_steps}, seq {sizing.seq_length}, "
+            f"checkpointing {checkpointing}"
+        )
+
+    return (
+        f"{name} on {cfg.strategy_info['hardware']}: the file has {values(cfg)} (~{human_bytes(given)} of "
+        f"{human_bytes(chosen.usable)} usable); the estimator chooses {values(chosen)} "
+        f"(~{human_bytes(chosen.estimate)})"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
-    """python -m finetune.strategies [FILE]: the estimator's sizing of each strategy on its hardware."""
+    """python -m finetune.strategies [FILE]: each strategy's sizing beside the memory estimator's choice."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m finetune.strategies", description=main.__doc__)
     parser.add_argument("file", nargs="?", default="", help=f"strategies file (default: {SHIPPED})")
     args = parser.parse_args(argv)
 
-    def show():
-        from .model import count_parameters
-        from .report import human_bytes
-
+    def show() -> None:
         for name, cfg in preset_configs(args.file).items():
-            hardware = HARDWARE.get(cfg.strategy_info.get("hardware", ""))
-            if hardware is None:
-                print(f"{name}: no known hardware ({', '.join(HARDWARE)}); skipped")
-                continue
-            model_config = model_config_for(cfg.model_name)
-            parameters = count_parameters(cfg, model_config)
-            per_step = cfg.batch_size * cfg.gradient_accumulation_steps
-            chosen = size(cfg, model_config, hardware, per_step, parameters)
-            given = estimate(cfg, model_config, hardware, parameters)
-            print(
-                f"{name} on {cfg.strategy_info['hardware']}: the file has batch {cfg.batch_size} x "
-                f"{cfg.gradient_accumulation_steps}, seq {cfg.seq_length}, checkpointing "
-                f"{'on' if cfg.gradient_checkpointing else 'off'} (~{human_bytes(given)} of "
-                f"{human_bytes(chosen.usable)} usable); the estimator chooses batch {chosen.batch_size} x "
-                f"{chosen.gradient_accumulation_steps}, seq {chosen.seq_length}, checkpointing "
-                f"{'on' if chosen.gradient_checkpointing else 'off'} (~{human_bytes(chosen.estimate)})"
-            )
+            print(sizing_line(name, cfg), flush=True)
 
     run_cli(show)
 
