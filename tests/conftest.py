@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -95,6 +96,13 @@ def run_script(tmp_path_factory):
         return result
 
     return run
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, for torchrun's rendezvous: a fixed one collides with a concurrent run."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def read_metrics(output_dir: Path) -> dict:
