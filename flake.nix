@@ -137,7 +137,8 @@
               '';
 
           # The repository's Python side, for the test and lint checks (tests/test_flake.py also
-          # reads flake.lock and the playbook's host-driver.sh).
+          # reads flake.lock and the playbook's host-driver.sh; tests/test_cuda_wheels.py the
+          # wheel manifests).
           pythonSource = lib.fileset.toSource {
             root = ./.;
             fileset = lib.fileset.unions [
@@ -148,6 +149,7 @@
               ./playbooks
               ./README.md
               ./constraints.txt
+              ./overlays/cuda-wheels
             ];
           };
 

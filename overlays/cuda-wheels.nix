@@ -66,83 +66,110 @@ let
           throw "overlays/cuda-wheels: no wheel manifest for python${python.pythonVersion} on ${system} (${baseNameOf file}); make one with overlays/cuda-wheels/update.py";
 
       isWheel = name: manifest.wheels ? ${name};
+      wheelDeps = name: lib.filter isWheel manifest.wheels.${name}.dependencies;
 
-      # The wheels `name` needs, directly or through other wheels (torch -> cuda-toolkit -> nvidia-cublas).
+      # The wheels `name` needs, directly or through others (torch -> cuda-toolkit -> nvidia-cublas).
       wheelClosure =
         name:
         map (item: item.key) (
           builtins.genericClosure {
             startSet = [ { key = name; } ];
-            operator =
-              item: map (dep: { key = dep; }) (lib.filter isWheel manifest.wheels.${item.key}.dependencies);
+            operator = item: map (key: { inherit key; }) (wheelDeps item.key);
           }
         );
 
       fromWheel =
         name:
         let
-          spec = manifest.wheels.${name} or (throw "overlays/cuda-wheels: ${baseNameOf file} has no ${name}");
+          spec =
+            if isWheel name then
+              manifest.wheels.${name}
+            else
+              throw "overlays/cuda-wheels: ${baseNameOf file} has no ${name}";
           nvidiaDeps = map (dep: pyfinal.${dep}) (lib.remove name (wheelClosure name));
+          # Where the wheel's own libraries are, and those of every wheel it needs.
+          sitePackages = map (pkg: "${pkg}/${python.sitePackages}") (
+            [ (placeholder "out") ] ++ nvidiaDeps
+          );
+          common = {
+            pname = name;
+            inherit (spec) version;
+            format = "wheel";
+
+            src = final.fetchurl { inherit (spec) url hash; };
+
+            # Pure-Python requirements (sympy, jinja2, numpy ...) are nixpkgs' packages.
+            dependencies = map (dep: pyfinal.${dep}) spec.dependencies;
+
+            nativeBuildInputs = [ final.autoPatchelfHook ];
+            # libstdc++ and libgcc_s.
+            buildInputs = [ (lib.getLib final.stdenv.cc.cc) ] ++ (extra.${name}.libraries or [ ]);
+
+            autoPatchelfIgnoreMissingDeps = notPinned ++ (extra.${name}.ignoreMissing or [ ]);
+            appendRunpaths = [ driverLib ];
+            # The implicit postFixup runs before autoPatchelf's hook, as in torch-bin.
+            postFixup = lib.concatMapStrings (dir: ''
+              addAutoPatchelfSearchPath "${dir}"
+            '') sitePackages;
+
+            # autoPatchelf keeps in a RUNPATH only the directories of the libraries the file links
+            # to, but NVIDIA's libraries and torch also dlopen others by name (cuDNN its engines,
+            # NVRTC its builtins, torch NVRTC: NixOS/nixpkgs#296179), and dlopen searches the
+            # caller's RUNPATH. The wheels' RUNPATHs named them relative to site-packages ($ORIGIN,
+            # $ORIGIN/../../nvidia/cu13/lib ...): give every ELF file each such directory of this
+            # wheel and of the wheels it needs, like torch-bin's postPatchelfPhase.
+            postPhases = [ "addNvidiaRunpathsPhase" ];
+            addNvidiaRunpathsPhase = ''
+              nvidiaDirs=$(find ${lib.escapeShellArgs sitePackages} \
+                -type d -path '*/nvidia/*/lib' -printf '%p:')
+              if [ -n "$nvidiaDirs" ]; then
+                while IFS= read -r -d "" elf; do
+                  if isELF "$elf"; then
+                    patchelf --add-rpath "''${nvidiaDirs%:}" "$elf"
+                  fi
+                done < <(find "$out" -type f \( -name '*.so' -o -name '*.so.*' \) -print0)
+              fi
+            '';
+
+            # Stripping breaks torch's libraries ("ELF load command address/offset not properly
+            # aligned", nixpkgs' torch-bin).
+            dontStrip = true;
+
+            passthru = {
+              inherit (spec) size;
+              wheel = baseNameOf spec.url;
+            }
+            // (extra.${name}.passthru or { });
+
+            meta = {
+              description = "${name} ${spec.version}, PyPI's wheel (CUDA ${cudaVersion})";
+              homepage = "https://pypi.org/project/${name}/${spec.version}/";
+              # torch (BSD-3), triton (MIT) and bitsandbytes (MIT) bundle or link NVIDIA's
+              # libraries; the cuda-*/nvidia-* wheels are under NVIDIA's license. Redistributable,
+              # not free.
+              license = [ lib.licenses.unfreeRedistributable ];
+              sourceProvenance = [ lib.sourceTypes.binaryNativeCode ];
+              platforms = [ system ];
+            };
+          };
         in
         pyfinal.buildPythonPackage (
-          {
-          pname = name;
-          inherit (spec) version;
-          format = "wheel";
-
-          src = final.fetchurl { inherit (spec) url hash; };
-
-          # Pure-Python requirements (sympy, jinja2, numpy ...) are nixpkgs' packages.
-          dependencies = map (dep: pyfinal.${dep}) spec.dependencies;
-
-          nativeBuildInputs = [ final.autoPatchelfHook ];
-          # libstdc++ and libgcc_s.
-          buildInputs = [ (lib.getLib final.stdenv.cc.cc) ] ++ (extra.${name}.libraries or [ ]);
-
-          autoPatchelfIgnoreMissingDeps = notPinned ++ (extra.${name}.ignoreMissing or [ ]);
-          appendRunpaths = [ driverLib ];
-          # The wheel's own libraries (torch/lib, nvidia/cu13/lib ...) and those of every NVIDIA
-          # wheel it needs; the implicit postFixup runs before autoPatchelf's hook, as in torch-bin.
-          postFixup = lib.concatMapStrings (pkg: ''
-            addAutoPatchelfSearchPath "${pkg}/${python.sitePackages}"
-          '') nvidiaDeps;
-          preFixup = ''
-            addAutoPatchelfSearchPath "$out/${python.sitePackages}"
-          '';
-
-          # Stripping breaks torch's libraries ("ELF load command address/offset not properly
-          # aligned", nixpkgs' torch-bin).
-          dontStrip = true;
-
-          passthru = {
-            inherit (spec) size;
-            wheel = baseNameOf spec.url;
-          }
-          // (extra.${name}.passthru or { });
-
-          meta = {
-            description = "${name} ${spec.version} (PyPI wheel for ${system}, CUDA ${cudaVersion})";
-            homepage = "https://pypi.org/project/${name}/${spec.version}/";
-            # torch (BSD-3), triton (MIT) and bitsandbytes (MIT) bundle or link NVIDIA's libraries;
-            # the cuda-*/nvidia-* wheels are under NVIDIA's license. Redistributable, not free.
-            license = [ lib.licenses.unfreeRedistributable ];
-            sourceProvenance = [ lib.sourceTypes.binaryNativeCode ];
-            platforms = [ system ];
-          };
-        }
-        // removeAttrs (extra.${name} or { }) [
-          "ignoreMissing"
-          "libraries"
-          "passthru"
-        ]
+          common
+          // removeAttrs (extra.${name} or { }) [
+            "ignoreMissing"
+            "libraries"
+            "passthru"
+          ]
         );
 
       # What particular wheels need beyond the common recipe, from the libraries their ELF files
-      # name (readelf -d) that no wheel provides:
+      # name (`readelf -d`, both systems' wheels) that no wheel provides:
       #   libraries       nixpkgs libraries to link them to (buildInputs)
       #   ignoreMissing   libraries only some machines have, loaded only there
       extra = {
         torch = {
+          # zlib: the aarch64 wheel's.
+          libraries = [ final.zlib ];
           pythonImportsCheck = [ "torch" ];
           # Like nixpkgs' torch: packages that build CUDA code against torch (torchvision ...) read
           # these. There is no nixpkgs cudaPackages behind this torch; such a package must come

@@ -303,7 +303,8 @@ let
     let
       # The recorded Requires-Dist is the wheel's. PyTorch's CI adds the CUDA requirements to its
       # wheels (PYTORCH_EXTRA_INSTALL_REQUIREMENTS); a build from source does not declare them.
-      fromWheelOnly = name: pname == "torch" && builtins.match "cuda-.*|nvidia-.*|triton" name != null;
+      fromWheelOnly =
+        name: pname == "torch" && builtins.match "cuda-.*|nvidia-.*|triton" name != null;
       recorded = requiresDist.${pname}.${version} or null;
       requirements =
         if recorded == null || wheel then
