@@ -228,6 +228,7 @@ in
     {
       description = "CUDA ${cudaVersion}, torch from PyPI's wheels";
       inherit cudaVersion minimumDriver;
+      driver = ">= ${minimumDriver} (CUDA ${cudaVersion})";
       # What a first `nix develop` downloads for the CUDA wheels (the rest is nixpkgs' CPU cache).
       downloadBytes = lib.foldl' builtins.add 0 sizes;
     };

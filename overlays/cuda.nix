@@ -97,7 +97,8 @@ in
           {
             description = "CUDA ${version}, built by nixpkgs";
             cudaVersion = version;
-            minimumDriver = "525 (575 or newer for all of CUDA ${version})";
+            minimumDriver = "525";
+            driver = ">= 525 (CUDA ${version} through minor-version compatibility; 575 or newer for all of it)";
           }
         else
           null;

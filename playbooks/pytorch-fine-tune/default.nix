@@ -29,7 +29,7 @@ let
   flavour = if cudaSupport then cuda.description else "CPU only";
 
   driver = lib.optionalString cudaSupport ''
-    Needs an NVIDIA driver >= ${cuda.minimumDriver} (CUDA ${cuda.cudaVersion}); `nvidia-smi` shows yours.
+    Needs an NVIDIA driver ${cuda.driver}; `nvidia-smi` shows yours.
   '';
 
   help = ''
