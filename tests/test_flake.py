@@ -662,6 +662,9 @@ def test_checks_and_cpu_shell_keep_nixpkgs_cpu_builds(flake):
             if re.search(r"cuda|nvidia|nvcc|triton", name)
         )
         assert not cuda, f"{system}: CUDA in the checks or the CPU shell: {cuda}"
+        # The same walk finds the wheels where they are: the CUDA package.
+        cuda_package = _urls(_closure(flake, f".#packages.{system}.llm-finetune"))
+        assert {w["url"] for w in _wheels(system).values()} <= cuda_package, system
         # nixpkgs' CPU torch (cache.nixos.org) is there.
         assert any(
             re.fullmatch(r"[a-z0-9]{32}-python3\.14-torch-2\.13\.0\.drv", p.rsplit("/", 1)[-1])
