@@ -108,9 +108,7 @@ let
             autoPatchelfIgnoreMissingDeps = notPinned ++ (extra.${name}.ignoreMissing or [ ]);
             appendRunpaths = [ driverLib ];
             # The implicit postFixup runs before autoPatchelf's hook, as in torch-bin.
-            postFixup = lib.concatMapStrings (dir: ''
-              addAutoPatchelfSearchPath "${dir}"
-            '') sitePackages;
+            postFixup = lib.concatMapStrings (dir: "addAutoPatchelfSearchPath \"${dir}\"\n") sitePackages;
 
             # autoPatchelf keeps in a RUNPATH only the directories of the libraries the file links
             # to, but NVIDIA's libraries and torch also dlopen others by name (cuDNN its engines,
