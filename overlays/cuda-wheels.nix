@@ -68,7 +68,7 @@ let
       isWheel = name: manifest.wheels ? ${name};
       wheelDeps = name: lib.filter isWheel manifest.wheels.${name}.dependencies;
 
-      # The wheels `name` needs, directly or through others (torch -> cuda-toolkit -> nvidia-cublas).
+      # The wheels `name` needs, directly or through others (torch -> cuda-toolkit -> cuBLAS).
       wheelClosure =
         name:
         map (item: item.key) (
@@ -91,6 +91,7 @@ let
           sitePackages = map (pkg: "${pkg}/${python.sitePackages}") (
             [ (placeholder "out") ] ++ nvidiaDeps
           );
+          searchPath = dir: "addAutoPatchelfSearchPath \"${dir}\"\n";
           common = {
             pname = name;
             inherit (spec) version;
@@ -108,7 +109,7 @@ let
             autoPatchelfIgnoreMissingDeps = notPinned ++ (extra.${name}.ignoreMissing or [ ]);
             appendRunpaths = [ driverLib ];
             # The implicit postFixup runs before autoPatchelf's hook, as in torch-bin.
-            postFixup = lib.concatMapStrings (dir: "addAutoPatchelfSearchPath \"${dir}\"\n") sitePackages;
+            postFixup = lib.concatMapStrings searchPath sitePackages;
 
             # autoPatchelf keeps in a RUNPATH only the directories of the libraries the file links
             # to, but NVIDIA's libraries and torch also dlopen others by name (cuDNN its engines,
