@@ -1,10 +1,12 @@
 {
   description = "Reproducible LLM fine-tuning on NVIDIA GPUs (DGX Spark, H100, RTX): a pinned PyTorch stack and playbook scripts";
 
-  # The nix-community CUDA cache holds CUDA builds of nixpkgs (torch, triton, ...) for x86_64-linux
-  # only. Accept it with `--accept-flake-config` or in your nix.conf; without it, and on
-  # aarch64-linux always, the CUDA shells build torch from source, for hours. What each shell
-  # downloads and builds, per system: playbooks/pytorch-fine-tune/README.md.
+  # The default CUDA shell takes torch and the CUDA libraries from PyPI's wheels (fixed-output
+  # downloads, no cache needed). The nix-community CUDA cache holds nixpkgs' CUDA builds (torch,
+  # triton, ...) for x86_64-linux only, for the `-cuda12` and preset shells. Accept it with
+  # `--accept-flake-config` or in your nix.conf; without it, and on aarch64-linux always, those
+  # shells build torch from source, for hours. What each shell downloads and builds, per system:
+  # playbooks/pytorch-fine-tune/README.md.
   nixConfig = {
     extra-substituters = [ "https://cache.nixos-cuda.org" ];
     extra-trusted-public-keys = [
@@ -28,13 +30,17 @@
       cuda = import ./overlays/cuda.nix;
 
       # nixpkgs with this flake's overlay. `variant` is passed to cuda.nixpkgsConfig:
-      # { } = CUDA with the cache-friendly default capabilities, { preset = "spark"; } etc.,
+      # { wheels = true; } = CUDA from PyPI's wheels (overlays.cuda-wheels) on CPU nixpkgs,
+      # { } = nixpkgs' CUDA with the cache-friendly default capabilities, { preset = "spark"; } etc.,
       # { cudaSupport = false; } = CPU only.
       pkgsFor =
         system: variant:
+        let
+          wheels = variant.wheels or false;
+        in
         import nixpkgs {
           inherit system;
-          overlays = [ self.overlays.default ];
+          overlays = [ self.overlays.default ] ++ lib.optional wheels self.overlays.cuda-wheels;
           config = cuda.nixpkgsConfig variant;
         };
 
@@ -42,7 +48,8 @@
         system:
         let
           cpu = pkgsFor system { cudaSupport = false; };
-          gpu = pkgsFor system { };
+          # The CUDA Python every CUDA app and the default shell use: nothing CUDA is compiled.
+          gpu = pkgsFor system { wheels = true; };
 
           # One scripts package for every shell, app and check, so the checks run the very files the
           # devShells export.
@@ -130,7 +137,8 @@
               '';
 
           # The repository's Python side, for the test and lint checks (tests/test_flake.py also
-          # reads flake.lock and the playbook's host-driver.sh).
+          # reads flake.lock and the playbook's host-driver.sh; tests/test_cuda_wheels.py the
+          # wheel manifests).
           pythonSource = lib.fileset.toSource {
             root = ./.;
             fileset = lib.fileset.unions [
@@ -141,6 +149,7 @@
               ./playbooks
               ./README.md
               ./constraints.txt
+              ./overlays/cuda-wheels
             ];
           };
 
@@ -163,13 +172,19 @@
             default = scripts;
           };
 
+          # The default CUDA shell is the wheels' on both systems; why, and what each shell downloads
+          # and builds: playbooks/pytorch-fine-tune/README.md.
           devShells =
             rec {
               pytorch-fine-tune = shellFor gpu;
               pytorch-fine-tune-cpu = shellFor cpu;
-              # Narrow builds for one GPU: smaller, but built locally (see the README).
+              # nixpkgs' CUDA, narrowed to one GPU: smaller, but built locally (see the README).
               pytorch-fine-tune-h100 = shellFor (pkgsFor system { preset = "h100"; });
               default = pytorch-fine-tune;
+            }
+            // lib.optionalAttrs (system == "x86_64-linux") {
+              # nixpkgs' CUDA 12.9 (cache.nixos-cuda.org), for drivers older than CUDA 13's 580.
+              pytorch-fine-tune-cuda12 = shellFor (pkgsFor system { });
             }
             // lib.optionalAttrs (system == "aarch64-linux") {
               pytorch-fine-tune-spark = shellFor (pkgsFor system { preset = "spark"; });
@@ -221,6 +236,8 @@
     in
     {
       overlays.default = import ./overlays/default.nix;
+      # After overlays.default, with cuda.nixpkgsConfig { wheels = true; }: see the file.
+      overlays.cuda-wheels = import ./overlays/cuda-wheels.nix;
 
       packages = lib.mapAttrs (_: s: s.packages) perSystem;
       devShells = lib.mapAttrs (_: s: s.devShells) perSystem;

@@ -103,3 +103,13 @@ def test_manifest_holds_every_cuda_requirement_at_an_allowed_version(system):
     )
     # torch's CUDA stack, as its wheel declares it.
     assert {"triton", "cuda-toolkit", "nvidia-cudnn-cu13", "nvidia-nccl-cu13", "nvidia-cublas"} <= set(needed)
+    # `dependencies`, which overlays/cuda-wheels.nix makes each package's dependencies: exactly the
+    # requirements that hold on this system with the extras asked of the wheel.
+    for name, extras in needed.items():
+        holding = {
+            canonicalize_name(req.name)
+            for req in map(Requirement, wheels[name]["requires_dist"])
+            if req.marker is None or any(req.marker.evaluate(_environment(machine, e)) for e in extras | {""})
+        }
+        assert sorted(holding) == wheels[name]["dependencies"], f"{system}: {name}'s dependencies"
+        assert isinstance(wheels[name]["size"], int) and wheels[name]["size"] > 0, f"{system}: {name}'s size"

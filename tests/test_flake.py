@@ -77,6 +77,11 @@ def _repo_files() -> list[str]:
     ]
 
 
+def _wheels(system: str) -> dict:
+    """The CUDA wheel manifest's wheels for `system` (overlays/cuda-wheels/cp314-<system>.json)."""
+    return json.loads((REPO / "overlays" / "cuda-wheels" / f"cp314-{system}.json").read_text())["wheels"]
+
+
 def _constraint(name: str) -> str | None:
     for line in (REPO / "constraints.txt").read_text().splitlines():
         m = re.fullmatch(rf"{re.escape(name)}==(\S+)", line.strip())
@@ -119,6 +124,7 @@ class Flake:
             stub = import (repo + "/tests/nix/nixpkgs-stub");
             cuda = import (repo + "/overlays/cuda.nix");
             ours = import (repo + "/overlays/default.nix");
+            wheels = import (repo + "/overlays/cuda-wheels.nix");
             pkgsFor = {{ system, variant ? {{ }}, overlays ? [ ours ] }}:
               stub {{ inherit system overlays; config = cuda.nixpkgsConfig variant; }};
           in
@@ -213,7 +219,10 @@ def test_flake_lock_pins_a_complete_nixpkgs():
 
 def _source_host_driver(tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
     # The same shell options writeShellApplication uses for the `nix run` apps.
-    script = f'set -euo pipefail; source "{HOST_DRIVER}"; printf "%s\\n" "${{LD_LIBRARY_PATH:-}}"'
+    script = (
+        f'set -euo pipefail; source "{HOST_DRIVER}"; '
+        'printf "%s\\n" "${LD_LIBRARY_PATH:-}" "${TRITON_LIBCUDA_PATH:-}"'
+    )
     full_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path), **env}
     return subprocess.run(["bash", "-c", script], env=full_env, capture_output=True, text=True, timeout=30)
 
@@ -235,7 +244,8 @@ def test_host_driver_links_only_driver_libraries(tmp_path):
         },
     )
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == f"{links}:/existing"
+    # Triton finds libcuda.so.1 there too (it would ask /sbin/ldconfig otherwise).
+    assert proc.stdout.splitlines() == [f"{links}:/existing", str(links)]
     linked = sorted(p.name for p in links.iterdir())
     assert linked == ["libcuda.so.1", "libcuda.so.580.95.05", "libnvidia-ml.so.1"], linked
     assert all((links / n).resolve() == host / n for n in linked)
@@ -250,7 +260,8 @@ def test_host_driver_leaves_nixos_and_driverless_hosts_alone(tmp_path):
         tmp_path, {"LLM_FINETUNE_NIXOS_DRIVER_DIR": str(nixos), "LD_LIBRARY_PATH": "/existing"}
     )
     assert on_nixos.returncode == 0, on_nixos.stderr
-    assert on_nixos.stdout.strip() == "/existing"
+    # NixOS has no /sbin/ldconfig for Triton to ask.
+    assert on_nixos.stdout.splitlines() == ["/existing", str(nixos)]
 
     no_driver = _source_host_driver(
         tmp_path,
@@ -260,7 +271,7 @@ def test_host_driver_leaves_nixos_and_driverless_hosts_alone(tmp_path):
         },
     )
     assert no_driver.returncode == 0, no_driver.stderr
-    assert no_driver.stdout.strip() == ""
+    assert no_driver.stdout.splitlines() == ["", ""]
     assert "no NVIDIA driver found" in no_driver.stderr
 
 
@@ -354,12 +365,16 @@ def test_devshells_export_the_playbook_scripts(shells, outputs):
                 f"{system}.{shell_name} overrides ptxas"
             )
             if shell_name.endswith("-cpu"):
-                assert "llm_finetune_host_driver" not in hook
+                assert "llm_finetune_host_driver" not in hook and "NVIDIA driver" not in hook
             else:
                 assert "llm_finetune_host_driver" in hook, (
                     "CUDA shells must link the host driver on non-NixOS"
                 )
+                assert "Needs an NVIDIA driver >= " in hook, f"{system}.{shell_name} does not name the driver"
+        # The default shell is the wheels' (CUDA 13).
+        assert "Needs an NVIDIA driver >= 580 (CUDA 13.0)" in shells[system]["default"]["shellHook"]
     assert "pytorch-fine-tune-spark" in shells["aarch64-linux"]
+    assert "pytorch-fine-tune-cuda12" in shells["x86_64-linux"]
 
 
 def test_checks_run_each_playbook_script(shells, outputs):
@@ -404,27 +419,37 @@ def test_lint_check_runs_the_ruff_constraints_pin(flake):
 
 def test_python_set_fixes_and_cuda_presets(flake):
     summary = flake.eval(
-        "devShells.aarch64-linux",
-        "ds: builtins.mapAttrs (_: s: let env = builtins.head s.packages; ps = env.pkgs; in {"
+        "devShells",
+        "ds: builtins.mapAttrs (_: builtins.mapAttrs (_: s: let env = builtins.head s.packages; ps = env.pkgs; in {"
         " packages = env.packageNames; hub = ps.huggingface-hub.version; trl = ps.trl.version;"
         " deps = map (d: d.pname) ps.llm-finetune.dependencies;"
         " relaxed = ps.transformers.pythonRelaxDeps or [ ]; cuda = ps.torch.cudaSupport;"
-        " capabilities = ps.torch.cudaCapabilities; bnb = ps.bitsandbytes.cmakeFlags; }) ds",
+        " wheel = ps.torch.src.url or null;"
+        " capabilities = ps.torch.cudaCapabilities or null; bnb = ps.bitsandbytes.cmakeFlags or null; })) ds",
     )
-    for name, shell in summary.items():
-        assert "llm-finetune" in shell["packages"] and "pytest" in shell["packages"], name
-        assert shell["hub"] == "1.31.0", f"{name}: datasets 5.1.0 needs huggingface-hub >= 1.31"
-        assert shell["trl"] == "0.29.1", f"{name}: DPOTrainer needs trl >= 0.29 with transformers 5.5"
-        assert {"trl", "gguf", "matplotlib"} <= set(shell["deps"]), name
-        assert "tokenizers" in shell["relaxed"], name
-    assert summary["pytorch-fine-tune-cpu"]["cuda"] is False
-    assert summary["pytorch-fine-tune"]["cuda"] is True
-    assert {"9.0", "12.0", "12.1"} <= set(summary["pytorch-fine-tune"]["capabilities"])
-    assert summary["pytorch-fine-tune-spark"]["capabilities"] == ["12.1"]
-    assert "-DCOMPUTE_CAPABILITY:STRING=121" in summary["pytorch-fine-tune-spark"]["bnb"]
-    assert summary["pytorch-fine-tune-h100"]["capabilities"] == ["9.0"]
+    for system in SYSTEMS:
+        for name, shell in summary[system].items():
+            assert "llm-finetune" in shell["packages"] and "pytest" in shell["packages"], name
+            assert shell["hub"] == "1.31.0", f"{name}: datasets 5.1.0 needs huggingface-hub >= 1.31"
+            assert shell["trl"] == "0.29.1", f"{name}: DPOTrainer needs trl >= 0.29 with transformers 5.5"
+            assert {"trl", "gguf", "matplotlib"} <= set(shell["deps"]), name
+            assert "tokenizers" in shell["relaxed"], name
+        shells = summary[system]
+        assert shells["pytorch-fine-tune-cpu"]["cuda"] is False
+        # The default CUDA shell: torch from the wheel manifest, no nixpkgs CUDA build.
+        for name in ("pytorch-fine-tune", "default"):
+            assert shells[name]["cuda"] is True, (system, name)
+            assert shells[name]["wheel"] == _wheels(system)["torch"]["url"], (system, name)
+            assert shells[name]["capabilities"] is None and shells[name]["bnb"] is None, (system, name)
+        assert shells["pytorch-fine-tune-h100"]["capabilities"] == ["9.0"]
+    nixpkgs_cuda = summary["x86_64-linux"]["pytorch-fine-tune-cuda12"]
+    assert nixpkgs_cuda["cuda"] is True and nixpkgs_cuda["wheel"] is None
+    assert {"9.0", "12.0", "12.1"} <= set(nixpkgs_cuda["capabilities"])
     # The default preset leaves bitsandbytes as nixpkgs builds it (binary cache).
-    assert not any("COMPUTE_CAPABILITY" in f for f in summary["pytorch-fine-tune"]["bnb"])
+    assert not any("COMPUTE_CAPABILITY" in f for f in nixpkgs_cuda["bnb"])
+    spark = summary["aarch64-linux"]["pytorch-fine-tune-spark"]
+    assert spark["capabilities"] == ["12.1"]
+    assert "-DCOMPUTE_CAPABILITY:STRING=121" in spark["bnb"]
 
 
 # What each variant builds on the user's machine: the Python packages of llm-finetune's closure whose
@@ -438,7 +463,8 @@ LOCAL_BUILDS = """
     };
     localBuilds = system: variant:
       let
-        ours = (pkgsFor { inherit system variant; }).python3.pkgs;
+        overlays = [ ours ] ++ (if variant.wheels or false then [ wheels ] else [ ]);
+        ours' = (pkgsFor { inherit system variant overlays; }).python3.pkgs;
         plain = (pkgsFor { inherit system variant; overlays = [ ]; }).python3.pkgs;
         # nixpkgs' own drvPath; a package that does not evaluate there is not cached either.
         cached = name: drv:
@@ -446,7 +472,7 @@ LOCAL_BUILDS = """
       in
       builtins.listToAttrs (builtins.concatMap (item:
         if cached item.key item.pkg then [ ] else [ { name = item.key; value = item.pkg.runsTests or false; } ]
-      ) (closure ours.llm-finetune));
+      ) (closure ours'.llm-finetune));
   in
   builtins.listToAttrs (map (system: {
     name = system;
@@ -454,6 +480,7 @@ LOCAL_BUILDS = """
       cuda = localBuilds system { };
       cpu = localBuilds system { cudaSupport = false; };
       spark = localBuilds system { preset = "spark"; };
+      wheels = localBuilds system { wheels = true; };
     };
   }) [ "x86_64-linux" "aarch64-linux" ])
 """
@@ -478,14 +505,21 @@ def local_builds(flake) -> dict:
     return flake.eval_expr(LOCAL_BUILDS)
 
 
-def test_default_shells_take_nixpkgs_cuda_packages_as_they_are(local_builds):
+def test_shells_build_only_what_no_cache_can_hold(local_builds):
     for system in SYSTEMS:
+        # nixpkgs' CUDA (-cuda12) and the CPU shell: torch and bitsandbytes (CUDA builds take
+        # hours) come from nixpkgs as they are.
         for variant in ("cuda", "cpu"):
             local = local_builds[system][variant]
-            # torch and bitsandbytes (CUDA builds take hours) come from nixpkgs as they are.
             assert set(local) == EXPECTED_LOCAL, f"{system} {variant} builds locally: {sorted(local)}"
         # A narrowed preset rebuilds bitsandbytes for its one capability (and torch, in nixpkgs).
         assert "bitsandbytes" in local_builds[system]["spark"], sorted(local_builds[system]["spark"])
+        # The wheels: every wheel of the manifest is fetched and patched (no compiler); the rest of
+        # the CUDA shell is what the CPU shell builds.
+        wheels = local_builds[system]["wheels"]
+        assert set(wheels) == EXPECTED_LOCAL | set(_wheels(system)), (
+            f"{system} wheels builds locally: {sorted(set(wheels) ^ (EXPECTED_LOCAL | set(_wheels(system))))}"
+        )
 
 
 def test_local_builds_skip_test_suites(local_builds):
@@ -562,9 +596,12 @@ def test_hub_gets_the_hf_xet_it_requires(flake):
 
 def test_cuda_python_set_uses_tritons_own_ptxas(flake):
     # nixpkgs' triton is patched to use its CUDA toolkit's ptxas, so the shells set no TRITON_PTXAS_*.
+    # (The wheel triton bundles its own: ptxas 12.8 and, for Blackwell, ptxas-blackwell 13.1.)
     result = flake.eval(
         "devShells",
-        "ds: builtins.mapAttrs (_: s: let ps = (builtins.head s.pytorch-fine-tune.packages).pkgs; in {"
+        "ds: builtins.mapAttrs (system: s: let"
+        ' shell = if system == "x86_64-linux" then s.pytorch-fine-tune-cuda12 else s.pytorch-fine-tune-spark;'
+        " ps = (builtins.head shell.packages).pkgs; in {"
         " torch = map (d: d.pname) ps.torch.dependencies; paths = ps.triton.nixpkgsExtraBinaryPaths or null;"
         ' ptxas = "${ps.torch.cudaPackages.cuda_nvcc.bin}/bin/ptxas"; }) ds',
     )
@@ -574,6 +611,150 @@ def test_cuda_python_set_uses_tritons_own_ptxas(flake):
         assert r["paths"] == r["ptxas"], (
             f"{system}: triton looks for ptxas at {r['paths']}, the CUDA is {r['ptxas']}"
         )
+
+
+# --- the CUDA wheels (overlays/cuda-wheels.nix) ------------------------------------------------
+
+
+def _closure(flake, *installables: str) -> dict:
+    """Every derivation the installables need, by .drv path (`nix derivation show -r`)."""
+    args = ["nix", "derivation", "show", "-r", "--offline", *installables]
+    return json.loads(flake.run(args, f"nix derivation show -r {' '.join(installables)}").stdout)
+
+
+def _nvcc_in(closure: dict) -> list[str]:
+    """The derivations that are nvcc (cuda_nvcc) or take it as an input: what would run nvcc."""
+    nvcc = {path for path in closure if "nvcc" in path.rsplit("/", 1)[-1]}
+    users = {path for path, drv in closure.items() if nvcc & set(drv.get("inputDrvs", {}))}
+    return sorted(path.rsplit("/", 1)[-1] for path in nvcc | users)
+
+
+def _urls(closure: dict) -> set[str]:
+    return {drv["env"]["url"] for drv in closure.values() if "url" in drv.get("env", {})}
+
+
+def test_cuda_shells_never_run_nvcc(flake):
+    for system in SYSTEMS:
+        closure = _closure(flake, f".#devShells.{system}.pytorch-fine-tune")
+        assert not _nvcc_in(closure), f"{system}: the CUDA shell would run nvcc: {_nvcc_in(closure)}"
+        # ... and it does hold the CUDA stack: every wheel of the manifest is fetched.
+        missing = {w["url"] for w in _wheels(system).values()} - _urls(closure)
+        assert not missing, f"{system}: the CUDA shell does not fetch {sorted(missing)}"
+    # The walk finds nvcc where nixpkgs compiles CUDA (torch, bitsandbytes): the check can fail.
+    built = _nvcc_in(_closure(flake, ".#devShells.x86_64-linux.pytorch-fine-tune-cuda12"))
+    assert any("torch" in name for name in built) and any("bitsandbytes" in name for name in built), built
+
+
+def test_checks_and_cpu_shell_keep_nixpkgs_cpu_builds(flake):
+    for system in SYSTEMS:
+        checks = flake.eval(f"checks.{system}", "builtins.attrNames")
+        closure = _closure(
+            flake,
+            f".#devShells.{system}.pytorch-fine-tune-cpu",
+            f".#packages.{system}.llm-finetune-cpu",
+            *(f".#checks.{system}.{name}" for name in checks),
+        )
+        wheels = {w["url"] for w in _wheels(system).values()} & _urls(closure)
+        assert not wheels, f"{system}: the checks or the CPU shell fetch CUDA wheels: {sorted(wheels)}"
+        cuda = sorted(
+            name
+            for name in (path.rsplit("/", 1)[-1] for path in closure)
+            if re.search(r"cuda|nvidia|nvcc|triton", name)
+        )
+        assert not cuda, f"{system}: CUDA in the checks or the CPU shell: {cuda}"
+        # The same walk finds the wheels where they are: the CUDA package.
+        cuda_package = _urls(_closure(flake, f".#packages.{system}.llm-finetune"))
+        assert {w["url"] for w in _wheels(system).values()} <= cuda_package, system
+        # nixpkgs' CPU torch (cache.nixos.org) is there.
+        assert any(
+            re.fullmatch(r"[a-z0-9]{32}-python3\.14-torch-2\.13\.0\.drv", p.rsplit("/", 1)[-1])
+            for p in closure
+        )
+
+
+WHEEL_PACKAGES = """
+  let
+    report = system:
+      let
+        ps = (pkgsFor { inherit system; variant = { wheels = true; }; overlays = [ ours wheels ]; }).python3.pkgs;
+        manifest = builtins.fromJSON (builtins.readFile (repo + "/overlays/cuda-wheels/cp314-${system}.json"));
+      in
+      builtins.mapAttrs (name: _: let p = ps.${name}; in {
+        inherit (p) version format postFixup appendRunpaths autoPatchelfIgnoreMissingDeps;
+        url = p.src.url;
+        hash = p.src.outputHash;
+        dependencies = map (d: d.pname) p.dependencies;
+        hooks = map (d: d.pname or d.name) p.nativeBuildInputs;
+        postInstall = p.postInstall or "";
+        # Instantiating runs the stand-in's checks, the Requires-Dist check among them.
+        instantiates = builtins.isString p.drvPath;
+        site = "${p}/lib/python3.14/site-packages";
+      }) manifest.wheels;
+  in
+  { x86_64-linux = report "x86_64-linux"; aarch64-linux = report "aarch64-linux"; }
+"""
+
+
+def test_wheel_packages_follow_the_manifest(flake):
+    result = flake.eval_expr(WHEEL_PACKAGES)
+    for system in SYSTEMS:
+        wheels, packages = _wheels(system), result[system]
+        assert set(packages) == set(wheels)
+        for name, wheel in wheels.items():
+            p = packages[name]
+            assert (p["url"], p["hash"], p["version"]) == (wheel["url"], wheel["hash"], wheel["version"]), (
+                name
+            )
+            assert p["format"] == "wheel" and "auto-patchelf-hook" in p["hooks"], name
+            assert sorted(p["dependencies"]) == sorted(wheel["dependencies"]), name
+            assert p["instantiates"] is True, name
+            # libcuda.so.1 is the driver: NixOS's, or the host's through the shell's link.
+            assert p["appendRunpaths"] == ["/run/opengl-driver/lib"], name
+            assert "libcuda.so.1" in p["autoPatchelfIgnoreMissingDeps"], name
+        # torch links to the libraries of every NVIDIA wheel it needs, in their own store paths.
+        for name in set(wheels) - {"torch", "bitsandbytes"}:
+            assert (
+                f'addAutoPatchelfSearchPath "{packages[name]["site"]}"' in packages["torch"]["postFixup"]
+            ), name
+        assert "libbitsandbytes_cuda13" in packages["bitsandbytes"]["postInstall"]
+
+
+def test_wheel_torch_requires_its_nvidia_libraries(flake):
+    # torch's Requires-Dist names nvidia-nccl-cu13==2.29.7: without it the build-time check fails.
+    proc = flake.eval_expr(
+        """
+      let
+        dropNccl = final: prev: {
+          pythonPackagesExtensions = prev.pythonPackagesExtensions ++ [
+            (pf: pp: { torch = pp.torch.overridePythonAttrs (old: {
+              dependencies = builtins.filter (d: d.pname != "nvidia-nccl-cu13") old.dependencies;
+            }); })
+          ];
+        };
+        pkgs = pkgsFor { system = "aarch64-linux"; variant = { wheels = true; }; overlays = [ ours wheels dropNccl ]; };
+      in pkgs.python3.pkgs.torch.drvPath
+    """,
+        check=False,
+    )
+    assert proc.returncode != 0 and "nvidia-nccl-cu13 not installed" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_other_python_sets_get_the_wheel_torch(flake):
+    # Another playbook's Python set (python3 or python314, any withPackages) gets the same wheels by
+    # the same overlay.
+    result = flake.eval_expr("""
+      let
+        pkgs = pkgsFor { system = "aarch64-linux"; variant = { wheels = true; }; overlays = [ ours wheels ]; };
+        env = pkgs.python314.withPackages (ps: [ ps.torch ps.bitsandbytes ]);
+      in {
+        urls = map (p: p.src.url) env.packages;
+        cuda = pkgs.llm-finetune-cuda;
+      }
+    """)
+    wheels = _wheels("aarch64-linux")
+    assert result["urls"] == [wheels["torch"]["url"], wheels["bitsandbytes"]["url"]]
+    assert result["cuda"]["minimumDriver"] == "580" and result["cuda"]["cudaVersion"] == "13.0"
+    assert result["cuda"]["downloadBytes"] == sum(w["size"] for w in wheels.values())
 
 
 # --- the stand-in models what nixpkgs does -----------------------------------------------------
@@ -677,7 +858,27 @@ def test_readme_says_per_system_and_shell_what_is_cached(flake):
     assert documented == expected, (
         f"missing: {sorted(expected - documented)}, extra: {sorted(documented - expected)}"
     )
-    # The nix-community CUDA cache builds x86_64-linux only: on aarch64-linux, CUDA torch is built locally.
     for (shell, system), (cached, built) in table.items():
-        if system == "aarch64-linux" and not shell.endswith("-cpu"):
+        if shell == "pytorch-fine-tune":
+            # The wheels: their size from the manifest, nothing compiled with nvcc.
+            assert f"PyPI wheels ({_gigabytes(system)} GB" in cached, (shell, system, cached)
+            assert "nothing compiled with nvcc" in built, (shell, system, built)
+        elif system == "aarch64-linux" and not shell.endswith("-cpu"):
+            # The nix-community CUDA cache builds x86_64-linux only: on aarch64-linux, nixpkgs' CUDA
+            # torch is built locally.
             assert "cache.nixos-cuda.org" not in cached and "torch" in built, (shell, system, cached, built)
+
+
+def _gigabytes(system: str) -> str:
+    """What the CUDA wheels of `system` weigh, in GB (10^9 bytes), as the READMEs print it."""
+    return f"{sum(w['size'] for w in _wheels(system).values()) / 1e9:.1f}"
+
+
+def test_readmes_say_what_the_cuda_shell_downloads_and_the_driver_it_needs():
+    playbook = PLAYBOOK_README.read_text()
+    for system in SYSTEMS:
+        row = next(line for line in playbook.splitlines() if line.startswith(f"| {system}"))
+        assert f"| {len(_wheels(system))} | {_gigabytes(system)} GB |" in row, row
+    assert "estimate from the size" in playbook and "NVIDIA driver >= 580" in playbook
+    top = (REPO / "README.md").read_text()
+    assert f"{_gigabytes('aarch64-linux')} GB" in top and "580" in top

@@ -27,6 +27,12 @@ OUT = Path(__file__).resolve().parent / "nixpkgs-stub" / "requires-dist.json"
 RELEASES = {
     "accelerate": ["1.12.0"],
     "bitsandbytes": ["0.48.2"],
+    # The CUDA wheels of overlays/cuda-wheels (their Requires-Dist that names other packages).
+    "cuda-bindings": ["13.5.0"],
+    "nvidia-cudnn-cu13": ["9.20.0.48"],
+    "nvidia-cusolver": ["12.0.4.66"],
+    "torch": ["2.13.0"],
+    "triton": ["3.7.1"],
     "datasets": ["5.1.0"],
     "hf-xet": ["1.8.0"],
     "huggingface-hub": ["1.28.0", "1.31.0"],

@@ -236,6 +236,13 @@ let
         };
 
       autoPatchelfHook = tool "auto-patchelf-hook" "0" "auto-patchelf";
+      zlib = mkFake {
+        name = "zlib-1.3.1";
+        outputs = [
+          "out"
+          "dev"
+        ];
+      };
 
       coreutils = tool "coreutils" "9.8" "coreutils";
       findutils = tool "findutils" "4.10.0" "find";

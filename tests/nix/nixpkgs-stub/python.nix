@@ -56,6 +56,10 @@ let
     psutil.version = "7.1.3";
     protobuf.version = "6.33.1";
     pyyaml.version = "6.0.3";
+    # torch's pure-Python requirements (the wheel torch takes them from nixpkgs).
+    jinja2.version = "3.1.6";
+    networkx.version = "3.5";
+    sympy.version = "1.14.0";
     safetensors.version = "0.8.0";
     tensorboard.version = "2.21.0";
     pytest.version = "9.0.1";
@@ -123,8 +127,12 @@ let
       deps = [
         "filelock"
         "fsspec"
+        "jinja2"
+        "networkx"
         "numpy"
         "packaging"
+        "setuptools"
+        "sympy"
         "typing-extensions"
       ]
       ++ lib.optional config.cudaSupport "triton";
@@ -222,6 +230,8 @@ let
       cmakeFlags = [
         "-DCOMPUTE_BACKEND:STRING=${if config.cudaSupport then "cuda" else "cpu"}"
       ];
+      # nixpkgs compiles its CUDA kernels with nvcc.
+      nativeBuildInputs = lib.optionals config.cudaSupport [ cudaPackages.cuda_nvcc ];
       passthru = {
         inherit (config) cudaSupport;
         inherit cudaPackages;
@@ -230,9 +240,19 @@ let
   };
 
   # PEP 440 specifiers, as far as the recorded releases use them: ">=1.5.2,<2.0.0", "==1.2.*".
+  # Release numbers compare as if padded with zeros (13.0.3 == 13.0.3.0), unlike compareVersions.
   satisfies =
     version: specifier:
     let
+      trimZeros =
+        v:
+        let
+          parts = lib.splitString "." v;
+        in
+        if builtins.length parts > 1 && lib.last parts == "0" then
+          trimZeros (lib.concatStringsSep "." (lib.init parts))
+        else
+          v;
       clauses = builtins.filter (c: c != "") (map lib.trim (lib.splitString "," specifier));
       holds =
         clause:
@@ -240,7 +260,7 @@ let
           m = builtins.match "(~=|===|==|!=|<=|>=|<|>)[[:space:]]*([^[:space:]]+)" clause;
           op = builtins.elemAt m 0;
           bound = builtins.elemAt m 1;
-          cmp = builtins.compareVersions version bound;
+          cmp = builtins.compareVersions (trimZeros version) (trimZeros bound);
           prefixMatch = p: lib.hasPrefix p (version + ".");
           equal =
             if lib.hasSuffix ".*" bound then prefixMatch (lib.removeSuffix "*" bound) else cmp == 0;
@@ -278,9 +298,19 @@ let
       dependencies,
       relaxed,
       removed,
+      wheel,
     }:
     let
-      requirements = requiresDist.${pname}.${version} or null;
+      # The recorded Requires-Dist is the wheel's. PyTorch's CI adds the CUDA requirements to its
+      # wheels (PYTORCH_EXTRA_INSTALL_REQUIREMENTS); a build from source does not declare them.
+      fromWheelOnly =
+        name: pname == "torch" && builtins.match "cuda-.*|nvidia-.*|triton" name != null;
+      recorded = requiresDist.${pname}.${version} or null;
+      requirements =
+        if recorded == null || wheel then
+          recorded
+        else
+          builtins.filter (r: !fromWheelOnly (builtins.head r)) recorded;
       closure = builtins.genericClosure {
         startSet = map (d: {
           key = d.pname or d.name;
@@ -348,6 +378,7 @@ let
             inherit (args) pname version;
             inherit dependencies relaxed;
             removed = args.pythonRemoveDeps or [ ];
+            wheel = (args.format or null) == "wheel";
           };
         };
         meta = args.meta or { };
