@@ -138,7 +138,7 @@
 
           # The repository's Python side, for the test and lint checks (tests/test_flake.py also
           # reads flake.lock and the playbook's host-driver.sh; tests/test_cuda_wheels.py the
-          # wheel manifests).
+          # wheel manifests; tests/test_lint.py lints dev.py and bench/ too).
           pythonSource = lib.fileset.toSource {
             root = ./.;
             fileset = lib.fileset.unions [
@@ -149,6 +149,9 @@
               ./playbooks
               ./README.md
               ./constraints.txt
+              ./constraints-latest.txt
+              ./dev.py
+              ./bench
               ./overlays/cuda-wheels
             ];
           };
