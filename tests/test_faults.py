@@ -467,3 +467,51 @@ def test_out_of_memory_mid_run_saves_the_last_finished_step(capsys, monkeypatch,
     code, stdout, err = run_main(capsys, *args(tiny_model, out, "--max_steps", "6", "--save_steps", "1000"))
     assert code == 0, err[-3000:]
     assert f"resuming from {out / 'checkpoints' / 'checkpoint-3'}" in stdout
+
+
+# ------------------------------------------------------------------------------------------------- DPO
+
+
+def test_dpo_gets_the_same_protection(capsys, monkeypatch, tiny_model, tmp_path):
+    """DPO shares the loop: a NaN loss stops it with its last good checkpoint, which a rerun resumes from; a
+    finished DPO run rerun does nothing."""
+    import llama3_8b_dpo
+    from finetune.dpo import trainer_class
+
+    def run_dpo(*extra) -> tuple[int, str, str]:
+        argv = [
+            "--model_name", tiny_model, "--dataset", DATA / "preference.jsonl", "--output_dir", tmp_path / "dpo",
+            "--eval_split", "0", "--max_steps", "4", "--save_steps", "2", *FAST[:-2], *extra,
+        ]  # fmt: skip
+        code = 0
+        try:
+            main(
+                [str(a) for a in argv], prog="test", description="test", defaults=llama3_8b_dpo.DEFAULTS,
+                config_class=llama3_8b_dpo.DPOConfig, runner=llama3_8b_dpo.run,
+            )  # fmt: skip
+        except SystemExit as exc:
+            code = exc.code
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    trainer = trainer_class()
+    real = trainer.compute_loss
+
+    def compute_loss(self, model, inputs, *a, **k):
+        result = real(self, model, inputs, *a, **k)
+        return result * float("nan") if self.state.global_step + 1 == 3 else result
+
+    monkeypatch.setattr(trainer, "compute_loss", compute_loss)
+    code, _, err = run_dpo()
+    assert_one_line(code, err, EXIT_FAULT, "loss is nan at step 3", "checkpoint-2")
+    out = tmp_path / "dpo"
+    assert [p.name for p in checkpoints.checkpoints_in(out / "checkpoints")] == ["checkpoint-2"]
+    assert checkpoints.problem(out / "checkpoints" / "checkpoint-2") is None and not (out / "final").exists()
+
+    monkeypatch.undo()
+    code, stdout, err = run_dpo()
+    assert code == 0, err[-3000:]
+    assert f"resuming from {out / 'checkpoints' / 'checkpoint-2'}" in stdout
+
+    code, stdout, err = run_dpo()
+    assert code == 0 and "finished at step 4" in stdout, err[-3000:]
