@@ -3,6 +3,7 @@ loss, out of memory mid-run. Each ends with one line, the right exit code, no tr
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import shutil
@@ -16,7 +17,8 @@ import pytest
 import torch
 from conftest import DATA, FAST, SCRIPTS, offline_env
 from finetune import checkpoints, diskspace
-from finetune.errors import EXIT_FAULT, EXIT_USER_ERROR
+from finetune.config import TrainConfig
+from finetune.errors import EXIT_FAULT, EXIT_USER_ERROR, UserError
 from finetune.lock import LOCK_FILE
 from finetune.playbook import main
 from safetensors.torch import load_file
@@ -117,8 +119,6 @@ def test_checkpoints_are_sealed_and_the_estimate_matches_their_size(four_steps, 
     metrics = json.loads((four_steps / "metrics.json").read_text())
     trainable = sum(t.numel() for t in adapter(four_steps / "final").values())
     cfg = llama3_8b_lora.DEFAULTS | {"model_name": str(tiny_model)}
-    from finetune.config import TrainConfig
-
     estimated_checkpoint, estimated_final = diskspace.estimate(
         TrainConfig(**{**cfg, "output_dir": "x"}), {"parameters": 0, "trainable_parameters": trainable}, 4
     )
@@ -515,3 +515,64 @@ def test_dpo_gets_the_same_protection(capsys, monkeypatch, tiny_model, tmp_path)
 
     code, stdout, err = run_dpo()
     assert code == 0 and "finished at step 4" in stdout, err[-3000:]
+
+
+# ------------------------------------------------------------------------------------------------- at true size
+
+
+def _llama_8b():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8,
+    )  # fmt: skip
+
+
+def test_disk_estimate_for_an_8b_full_fine_tune():
+    from finetune.model import count_parameters
+
+    cfg = TrainConfig(model_name="meta-llama/Llama-3.2-3B-Instruct", output_dir="x", method="full")
+    total, trainable = count_parameters(cfg, _llama_8b())
+    plan = {"parameters": total, "trainable_parameters": trainable}
+    checkpoint, final = diskspace.estimate(cfg, plan, torch.bfloat16.itemsize)
+    # bf16 weights, then AdamW's two moments in bf16: 3 × 2 bytes × 8.03B; the final model is the weights alone.
+    assert checkpoint == pytest.approx(48.2e9, rel=0.01) and final == pytest.approx(16.1e9, rel=0.01)
+    check = diskspace.DiskCheck(
+        free=60 * 10**9, checkpoint=checkpoint, checkpoints=3, final=final, already_used=0
+    )
+    diskspace.enforce_disk(check, dataclasses.replace(cfg, output_dir="/x"))  # only the final fits: a warning
+    check.free = 10 * 10**9
+    with pytest.raises(UserError) as refused:
+        diskspace.enforce_disk(check, dataclasses.replace(cfg, output_dir="/x"))
+    assert "9.3 GiB free" in str(refused.value) and "3 checkpoint(s) of ~44.9 GiB" in str(refused.value)
+
+
+def test_out_of_memory_names_the_flags_that_would_fit():
+    """8B LoRA, 8 × 2048 tokens, on an 80 GiB GPU: the pre-flight let it through, and it ran out at 79 GiB."""
+    from finetune import preflight
+    from finetune.data import DataStats
+    from finetune.guards import OutOfMemoryMidRun, out_of_memory_error
+    from finetune.memory import estimate_run
+    from finetune.model import Placement, count_parameters
+
+    config = _llama_8b()
+    cfg = TrainConfig(model_name="x", output_dir="x", batch_size=8, seq_length=2048)
+    stats = DataStats(format="alpaca", tokens=64 * 2048, trainable_tokens=32 * 2048, lengths=[2048] * 64)
+    place = Placement("cuda", torch.bfloat16, 0)
+    total, trainable = count_parameters(cfg, config)
+    estimate = estimate_run(cfg, config, stats, place, total, trainable)
+    plan = {"parameters": total, "trainable_parameters": trainable, "model_config": config, "steps": 8}
+    plan |= {"examples_per_step": 8, "memory_estimate": estimate.as_dict()}
+    available = preflight.Available(80 * 1024**3, "free memory on cuda:0, NVIDIA H100", False)
+    check = preflight.MemoryCheck(estimate.total, estimate.total, available, True, [])
+    error = out_of_memory_error(
+        OutOfMemoryMidRun(5, "saved step 4 to c/checkpoint-4", 79 * 1024**3), check, cfg, plan, stats, place
+    )
+    line = str(error)
+    assert error.exit_code == EXIT_FAULT and "\n" not in line
+    assert (
+        line.startswith("out of memory at step 5: peak 79.0 GiB (GPU allocator)") and "saved step 4" in line
+    )
+    assert "it would fit with --gradient_checkpointing" in line and "--batch_size " in line
+    assert "--gradient_checkpointing resumes this run" in line
