@@ -376,10 +376,10 @@ def test_a_lock_held_on_another_host_is_respected(capsys, tiny_model, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]
 
 
-def test_two_runs_on_one_directory(tiny_model, tmp_path):
+def test_two_runs_on_one_directory(capsys, tiny_model, tmp_path):
     out = tmp_path / "run"
-    command = [sys.executable, SCRIPTS / "llama3_8b_lora.py", *args(tiny_model, out, "--max_steps", "100000")]
-    command = list(map(str, command)) + ["--logging_steps", "1", "--save_steps", "100000"]
+    argv = args(tiny_model, out, "--max_steps", "100000", "--logging_steps", "1", "--save_steps", "100000")
+    command = list(map(str, [sys.executable, SCRIPTS / "llama3_8b_lora.py", *argv]))
     with (tmp_path / "first.err").open("w") as stderr:
         first = subprocess.Popen(
             command, env=offline_env(tmp_path), stdout=subprocess.PIPE, stderr=stderr, text=True
@@ -388,16 +388,8 @@ def test_two_runs_on_one_directory(tiny_model, tmp_path):
             for line in first.stdout:  # training is under way
                 if "'loss'" in line:
                     break
-            second = subprocess.run(
-                command, env=offline_env(tmp_path), capture_output=True, text=True, timeout=300
-            )
-            assert_one_line(
-                second.returncode,
-                second.stderr,
-                EXIT_USER_ERROR,
-                "in use by another run",
-                f"pid {first.pid} on",
-            )
+            code, _, err = run_main(capsys, *argv)  # the same command, while the first one trains
+            assert_one_line(code, err, EXIT_USER_ERROR, "in use by another run", f"pid {first.pid} on")
         finally:
             first.terminate()  # SIGTERM: the first run saves a checkpoint and stops
             first.communicate(timeout=120)

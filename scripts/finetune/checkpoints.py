@@ -137,7 +137,7 @@ def resume_point(directory: Path) -> str | None:
     for checkpoint in candidates:
         why = problem(checkpoint)
         if why is None:
-            if bad:
+            if bad and outputs.is_main_process():
                 print(f"warning: {_describe(bad)}; resuming from {checkpoint.name} instead", flush=True)
             return str(checkpoint)
         bad.append((checkpoint, why))
