@@ -190,16 +190,19 @@ def save_atomically(trainer, save, model, trial) -> None:
     staging_root = root / STAGING
     staging, target = staging_root / checkpoint_name(step), root / checkpoint_name(step)
     main = trainer.args.should_save
-    if main:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging_root.mkdir(parents=True, exist_ok=True)
-    _barrier()
-    trainer._get_output_dir = lambda trial=None: str(staging_root)  # an instance attribute shadows the method
     try:
+        if main:
+            # Whatever is there was left by a run that died mid-save (this run holds the directory's lock).
+            shutil.rmtree(staging_root, ignore_errors=True)
+            staging_root.mkdir(parents=True)
+        _barrier()
+        trainer._get_output_dir = lambda trial=None: str(
+            staging_root
+        )  # an instance attribute shadows the method
         try:
             save(model, trial)
         finally:
-            del trainer._get_output_dir
+            trainer.__dict__.pop("_get_output_dir", None)
         _barrier()  # every rank has written its RNG state
         if main:
             _point_at_published(trainer.state, step, staging_root, root, staging)

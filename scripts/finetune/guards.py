@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from .checkpoints import checkpoint_name, problem
+from .checkpoints import checkpoint_name, checkpoints_in, problem
 from .errors import EXIT_FAULT, UserError
 from .preflight import MemoryCheck, _suggestions
 from .report import human_bytes, peak_memory_bytes
@@ -28,9 +28,7 @@ def _any_rank(flag: bool, device: str) -> bool:
 
 
 def _newest_checkpoint(trainer) -> Path | None:
-    root = Path(trainer.args.output_dir)
-    steps = range(trainer.state.global_step, 0, -1)
-    return next((root / checkpoint_name(s) for s in steps if (root / checkpoint_name(s)).is_dir()), None)
+    return next((p for p in checkpoints_in(Path(trainer.args.output_dir)) if problem(p) is None), None)
 
 
 class NonFiniteLossGuard(TrainerCallback):
