@@ -93,7 +93,12 @@ def _try_link(content: str, lock: Path) -> bool:
 
 def acquire(out: Path) -> Path:
     """Take the lock of output directory `out` (created if needed) or raise a `UserError` naming its holder."""
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output_dir {out}: exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--output_dir {out}: cannot create it ({exc.strerror})") from None
     lock = out / LOCK_FILE
     mine = _holder()
     content = json.dumps(mine, indent=1)
