@@ -136,7 +136,11 @@ class TrainConfig:
         "load config, tokenizer and data, print the plan, and exit without training", default=False
     )
     force: bool = option(
-        "train even when the memory estimate says the run will not fit in the available memory", default=False
+        "train even when the memory or disk-space estimate says the run will not fit", default=False
+    )
+    max_nan_steps: int = option(
+        "steps with a NaN/inf loss to skip (their update dropped) before stopping; 0 stops at the first",
+        default=0,
     )
 
     # From a YAML file only: what to export after training ({merge, gguf, ollama, ...}; see strategies.py), and
@@ -178,6 +182,8 @@ class TrainConfig:
             "strategy",
             "export",
             "strategy_info",
+            "max_nan_steps",
+            "gradient_checkpointing",  # memory, not results: a run that ran out of memory resumes with it
         }
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
@@ -357,6 +363,8 @@ def validate(cfg: TrainConfig) -> None:
     for name in ("batch_size", "gradient_accumulation_steps", "seq_length", "save_steps", "logging_steps"):
         if getattr(cfg, name) < 1:
             raise bad(name, "must be at least 1")
+    if cfg.max_nan_steps < 0:
+        raise bad("max_nan_steps", "must not be negative")
     if cfg.save_total_limit < 1:
         raise bad("save_total_limit", "must be at least 1")
     if not (cfg.learning_rate > 0 and math.isfinite(cfg.learning_rate)):

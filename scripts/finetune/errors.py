@@ -6,11 +6,13 @@ Only the entry point (`run_cli`) prints it, so library code never calls `sys.exi
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from collections.abc import Callable
 
 # Exit codes: argparse already uses 2 for bad flags; the signal ones follow the shell's 128 + N.
+EXIT_FAULT = 1  # the run failed on its way (NaN loss, out of memory, a full disk); what it finished is kept
 EXIT_USER_ERROR = 2
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
@@ -30,6 +32,13 @@ class Interrupted(Exception):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC as Python raises it, or as safetensors' writer words it."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return True
+    return any(text in str(exc) for text in ("No space left on device", "os error 28"))
 
 
 def _out_of_memory_message(exc: BaseException) -> str | None:
@@ -70,4 +79,10 @@ def run_cli(main: Callable[[], object]) -> None:
         if message is None:
             raise
         print(f"{prog}: {message}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(EXIT_FAULT)
+    except Exception as exc:
+        if not is_disk_full(exc):
+            raise
+        where = f" writing {exc.filename}" if getattr(exc, "filename", None) else ""
+        print(f"{prog}: disk full{where}; free some space and run the same command again", file=sys.stderr)
+        sys.exit(EXIT_FAULT)

@@ -15,10 +15,10 @@ import os
 import shutil
 from pathlib import Path
 
-from transformers.trainer_utils import get_last_checkpoint
-
+from . import checkpoints
 from .config import TrainConfig
 from .errors import UserError
+from .lock import LOCK_FILE
 
 RUN_FILE = "run.json"
 CHECKPOINTS = "checkpoints"
@@ -43,10 +43,11 @@ def prepare_output_dir(cfg: TrainConfig) -> str | None:
     if out.exists() and not out.is_dir():
         raise UserError(f"--output_dir {out}: exists and is not a directory")
     run_file = out / RUN_FILE
-    occupied = out.is_dir() and any(out.iterdir())
+    occupied = out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir())
     same_run = False
     if occupied and run_file.is_file():
-        previous = json.loads(run_file.read_text())
+        # Only the settings that identify a run today (a run.json may name ones that no longer do).
+        previous = {k: v for k, v in json.loads(run_file.read_text()).items() if k in cfg.identity()}
         same_run = previous == cfg.identity()
         if not same_run and not cfg.overwrite_output_dir:
             raise UserError(
@@ -68,10 +69,31 @@ def prepare_output_dir(cfg: TrainConfig) -> str | None:
         checkpoint = Path(cfg.resume).expanduser()
         if not (checkpoint / "trainer_state.json").is_file():
             raise UserError(f"--resume {cfg.resume}: not a checkpoint directory (no trainer_state.json)")
+        checkpoints.verify(checkpoint)
         return str(checkpoint)
-    if cfg.resume == "auto" and same_run and (out / CHECKPOINTS).is_dir():
-        return get_last_checkpoint(str(out / CHECKPOINTS))
+    if cfg.resume == "auto" and same_run:
+        return checkpoints.resume_point(out / CHECKPOINTS)
     return None
+
+
+def finished_run(cfg: TrainConfig) -> str | None:
+    """If `--output_dir` holds this very run, finished (final/ and metrics.json written for the same settings and
+    number of steps), the line that says so; else None."""
+    out = Path(cfg.output_dir).expanduser()
+    if cfg.overwrite_output_dir or cfg.resume != "auto" or not (out / FINAL).is_dir():
+        return None
+    try:
+        done = json.loads((out / METRICS).read_text())
+        config = done["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    wanted = {**cfg.identity(), "max_steps": cfg.max_steps}
+    if not isinstance(config, dict) or {k: config.get(k) for k in wanted} != wanted:
+        return None
+    return (
+        f"{out} already holds this run, finished at step {done.get('global_step')}: the model is in {out / FINAL}, "
+        f"the metrics in {out / METRICS}; nothing to do (--overwrite_output_dir trains it again)"
+    )
 
 
 def replace_dir(new: Path, target: Path) -> None:
@@ -97,7 +119,11 @@ def save_final(model, tokenizer, out: Path) -> Path:
     final, tmp = out / FINAL, out / f".{FINAL}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     model.config.use_cache = True  # turned off for training; generation wants it back
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    replace_dir(tmp, final)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a partial model takes space and is of no use
+        raise
     return final

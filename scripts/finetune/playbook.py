@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from pathlib import Path
 
 from .config import TrainConfig, parse_config
 from .data import PreparedData, prepare_data
+from .diskspace import check_disk, enforce_disk
 from .errors import run_cli
 from .evaluation import describe as describe_evaluation
+from .guards import OutOfMemoryMidRun, out_of_memory_error
+from .lock import run_lock
 from .memory import estimate_run, micro_batch_tokens
 from .model import Placement, check_trainable, count_parameters, load_model_config, load_tokenizer, placement
-from .outputs import is_main_process, prepare_output_dir
+from .outputs import CHECKPOINTS, finished_run, is_main_process, prepare_output_dir
 from .preflight import check_memory, enforce
 from .report import plan_text, summary_table
 from .strategies import describe_export, describe_strategy, run_export
@@ -87,8 +92,14 @@ def plan_then_train(cfg: TrainConfig, model_config, data: PreparedData, train_ru
     if cfg.dry_run:
         return None
     enforce(memory, cfg)  # before anything is written or loaded
-    resume_from = prepare_output_dir(cfg)
-    metrics = train_run(place, resume_from, plan)
+    out = Path(cfg.output_dir).expanduser()
+    with run_lock(out) if is_main_process() else contextlib.nullcontext():  # one run per directory
+        resume_from = prepare_output_dir(cfg)
+        enforce_disk(check_disk(cfg, plan, place.dtype.itemsize, out / CHECKPOINTS), cfg)
+        try:
+            metrics = train_run(place, resume_from, plan)
+        except OutOfMemoryMidRun as exc:
+            raise out_of_memory_error(exc, memory, cfg, plan, data.train_stats, place) from None
     if is_main_process():
         print("\n".join(filter(None, [summary_table(metrics), extra(metrics)])), flush=True)
     return metrics
@@ -122,6 +133,10 @@ def main(
         cfg = parse_config(
             argv, prog=prog, description=description, defaults=defaults, config_class=config_class
         )
+        finished = None if cfg.dry_run else finished_run(cfg)
+        if finished:  # before anything is loaded: nothing is recomputed
+            print(finished, flush=True)
+            return
         metrics = (runner or run)(cfg)
         if metrics is not None and cfg.export and is_main_process():
             run_export(cfg)

@@ -11,10 +11,12 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
+from . import checkpoints
 from .config import TrainConfig
 from .data import IGNORE_INDEX, Collator, PreparedData, real_tokens
 from .errors import EXIT_SIGINT, EXIT_SIGTERM, Interrupted
 from .evaluation import EvalTracker, eval_arguments
+from .guards import NonFiniteLossGuard, close_progress_bar, train_or_save_on_oom
 from .model import Placement, liger_kernels, load_model
 from .outputs import CHECKPOINTS, METRICS, RUN_FILE, is_main_process
 from .plot import write_loss_plot
@@ -62,6 +64,10 @@ class MeasuredTrainer:
         step = self.state.global_step + 1
         self._step_loss[step] = self._step_loss.get(step, 0.0) + float(loss)
         return loss
+
+    def _save_checkpoint(self, model, trial):
+        # Written aside, sealed with a completion marker and renamed into place: never half a checkpoint.
+        checkpoints.save_atomically(self, super()._save_checkpoint, model, trial)
 
     def record_step_loss(self, step: int) -> None:
         if step in self._step_loss:
@@ -211,16 +217,20 @@ def run_training(
     trainer.add_callback(step_end)
     tracker = EvalTracker(trainer, cfg, tokenizer, out, resume_from)
     trainer.add_callback(tracker)
+    nan_guard = NonFiniteLossGuard(trainer, cfg.max_nan_steps, place.device)
+    trainer.add_callback(nan_guard)
 
     if resume_from and is_main_process():
         print(f"resuming from {resume_from}", flush=True)
     step_end.install()
     started = time.perf_counter()
     try:
-        trainer.train(resume_from_checkpoint=resume_from)
+        train_or_save_on_oom(trainer, resume_from, place.device)
     finally:
         step_end.uninstall()
+        close_progress_bar(trainer)
     train_seconds = time.perf_counter() - started
+    nan_guard.raise_if_stopped(cfg, place)
 
     if step_end.signal_received is not None and trainer.state.global_step < trainer.state.max_steps:
         checkpoint = out / CHECKPOINTS / f"checkpoint-{trainer.state.global_step}"
@@ -264,11 +274,12 @@ def run_training(
         "versions": versions(),
     }
     if is_main_process():
-        final = tracker.save_final(trainer.accelerator.unwrap_model(trainer.model))
-        metrics.update(tracker.metrics())
-        metrics["final_dir"] = str(final)
-        metrics["metrics_file"] = str(out / METRICS)
-        write_json_atomic(out / METRICS, metrics)
+        with checkpoints.disk_full_is_one_line("final/ and metrics.json", out):
+            final = tracker.save_final(trainer.accelerator.unwrap_model(trainer.model))
+            metrics.update(tracker.metrics())
+            metrics["final_dir"] = str(final)
+            metrics["metrics_file"] = str(out / METRICS)
+            write_json_atomic(out / METRICS, metrics)
         # loss.png beside it (skipped, with a note, when matplotlib is missing)
         write_loss_plot(trainer.state.log_history, out, window=cfg.logging_steps)
     if _distributed():
