@@ -47,6 +47,11 @@ class TrainConfig:
     gradient_checkpointing: bool = option(
         "recompute activations in the backward pass to save memory", default=False
     )
+    shard: bool = option(
+        "shard every weight across the ranks with FSDP2 (torchrun across GPUs or machines); "
+        "off: each rank holds the whole model (DDP)",
+        default=False,
+    )
 
     # LoRA (ignored by full fine-tuning)
     lora_rank: int = option("LoRA rank r", default=8)
