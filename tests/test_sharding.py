@@ -173,3 +173,79 @@ def test_a_crashing_rank_leaves_no_final_model(tiny_model, tmp_path):
     assert process.returncode != 0
     assert not (out / "final").exists() and not (out / "metrics.json").exists()
     assert not list(out.glob(".final*")), "half-written final model left behind"
+
+
+def test_full_fine_tuning_shards_too_and_saves_a_loadable_model(tiny_model, tmp_path):
+    import llama3_3b_full
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    train_in_process(
+        llama3_3b_full, *_args(tiny_model, out, 2, steps=2), "--shard", "--learning_rate", "1e-3"
+    )
+    metrics = read_metrics(out)
+    assert metrics["sharding"]["strategy"] == "fsdp2" and metrics["global_step"] == 2
+    base, tuned = (AutoModelForCausalLM.from_pretrained(p) for p in (tiny_model, out / "final"))
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        assert not torch.allclose(base(ids).logits, tuned(ids).logits, atol=1e-4)
+
+
+def test_qlora_is_not_sharded(tiny_model, tmp_path, capsys):
+    import llama3_70b_qlora
+    from finetune.playbook import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(_args(tiny_model, tmp_path / "run", 2) + ["--shard"], prog="t", description="t",
+             defaults=llama3_70b_qlora.DEFAULTS)  # fmt: skip
+    message = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message.count("\n") == 1 and "--shard" in message
+
+
+def test_preflight_estimates_per_rank_and_names_how_many_ranks_fit(monkeypatch):
+    """Llama 3.1 8B full fine-tuning in bf16 (real architecture, on the meta device) on 48 GiB GPUs."""
+    import dataclasses
+
+    from finetune import preflight
+    from finetune.config import TrainConfig
+    from finetune.data import DataStats
+    from finetune.memory import GIB, decoder_layer_params, estimate_run
+    from finetune.model import Placement, count_parameters
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8,
+    )  # fmt: skip
+    cfg = TrainConfig(
+        model_name="x", output_dir="x", method="full", batch_size=2, gradient_checkpointing=True
+    )
+    stats = DataStats(format="alpaca", tokens=64 * 512, trainable_tokens=32 * 512, lengths=[512] * 64)
+    place = Placement("cuda", torch.bfloat16, 0)
+    total, trainable = count_parameters(cfg, config)
+    whole = estimate_run(cfg, config, stats, place, total, trainable)
+    sharded = dataclasses.replace(cfg, shard=True)
+    quarter = estimate_run(sharded, config, stats, place, total, trainable, ranks=4)
+    layer = decoder_layer_params(config) * 2
+    assert quarter.weights == -(-whole.weights // 4) + 3 * layer  # a quarter, plus layers gathered whole
+    assert quarter.trainable_state == -(-whole.trainable_state // 4)
+    assert quarter.activations == whole.activations
+
+    monkeypatch.setattr(
+        preflight,
+        "available_memory",
+        lambda place: preflight.Available(48 * GIB, "free memory on cuda:0", False),
+    )
+    plan = {"parameters": total, "trainable_parameters": trainable, "model_config": config}
+    plan |= {"steps": 16, "examples_per_step": 2, "memory_estimate": whole.as_dict()}
+    check = preflight.check_memory(cfg, plan, stats, place)
+    assert not check.fits
+    ranks = preflight.ranks_to_fit(cfg, plan, stats, place, preflight.available_memory(place))
+    assert ranks and f"--shard on {ranks} ranks" in check.remedy()
+
+    def fits(n: int) -> bool:
+        return (
+            estimate_run(sharded, config, stats, place, total, trainable, 32, ranks=n).total <= 0.9 * 48 * GIB
+        )
+
+    assert fits(ranks) and not fits(ranks - 1)

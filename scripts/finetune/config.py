@@ -284,6 +284,11 @@ def validate(cfg: TrainConfig) -> None:
             raise bad("lora_dropout", "must be in [0, 1)")
         if not target_modules(cfg):
             raise bad("target_modules", "name at least one module, or all-linear")
+    if cfg.shard and cfg.method == "qlora":
+        raise UserError(
+            "--shard: 4-bit QLoRA weights are not sharded; use --shard with LoRA on the bf16 model "
+            "(llama3_70b_lora.py), or QLoRA without --shard (each rank holds the whole 4-bit model)"
+        )
     if not cfg.output_dir:
         raise UserError("--output_dir is required")
 

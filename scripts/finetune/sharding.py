@@ -418,11 +418,6 @@ def train_sharded(
     cfg: TrainConfig, tokenizer, data: PreparedData, place: Placement, resume_from: str | None, plan: dict
 ) -> dict:
     """Train with every weight sharded across the ranks; the same outputs and metrics as `train.run_training`."""
-    if cfg.method == "qlora":
-        raise UserError(
-            "--shard: 4-bit QLoRA weights are not sharded; use --shard with LoRA on the bf16 model "
-            "(llama3_70b_lora.py), or QLoRA without --shard (data-parallel, the whole model on each rank)"
-        )
     with process_group(place) as (rank, world):
         return _train(cfg, tokenizer, data, place, resume_from, plan, rank, world)
 
