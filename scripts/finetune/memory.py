@@ -13,6 +13,9 @@ sum of:
 - runtime: on CUDA the context, cuBLAS workspaces and allocator slack; on the CPU the process's resident
   memory when the plan is made (interpreter, libraries, tokenizer, data) plus what the trainer adds.
 
+With --shard (FSDP2) the estimate is per rank (`per_rank`): weights and trainable state split N ways, plus the
+decoder layers gathered whole while they run.
+
 The test suite compares this estimate with measured peaks on the CPU (tests/test_memory.py): LoRA and full
 fine-tuning come within ~10%. QLoRA on the CPU peaks higher than this, while loading: bitsandbytes' CPU backend
 quantizes through transient full-precision copies that its CUDA kernels do not make.
