@@ -202,6 +202,16 @@ def test_qlora_is_not_sharded(tiny_model, tmp_path, capsys):
     assert exit_info.value.code == 2 and message.count("\n") == 1 and "--shard" in message
 
 
+def test_dpo_refuses_shard():
+    from finetune.config import parse_config
+    from finetune.dpo import DPOConfig
+    from finetune.errors import UserError
+
+    with pytest.raises(UserError, match="--shard"):
+        parse_config(["--model_name", "m", "--output_dir", "o", "--shard"], prog="t", description="t",
+                     defaults={}, config_class=DPOConfig)  # fmt: skip
+
+
 def test_preflight_estimates_per_rank_and_names_how_many_ranks_fit(monkeypatch):
     """Llama 3.1 8B full fine-tuning in bf16 (real architecture, on the meta device) on 48 GiB GPUs."""
     import dataclasses
