@@ -36,6 +36,7 @@ PLAYBOOKS = {
         ["run/final/model.safetensors", "run/metrics.json"],
     ),
     "llama3-70b-qlora": ("llama3_70b_qlora.py", "LLAMA3_70B_QLORA_SCRIPT", TRAINED),
+    "llama3-70b-lora": ("llama3_70b_lora.py", "LLAMA3_70B_LORA_SCRIPT", TRAINED),
     "llama3-8b-dpo": ("llama3_8b_dpo.py", "LLAMA3_8B_DPO_SCRIPT", TRAINED),
     "export": ("export.py", "EXPORT_SCRIPT", ["merged/model.safetensors", "model.gguf", "Modelfile"]),
     "evaluate": ("evaluate.py", "EVALUATE_SCRIPT", ["eval.json"]),
@@ -49,6 +50,7 @@ SMOKE_NEEDLES = {
     "llama3-8b-lora": ["tests/data/alpaca.jsonl", "--max_steps"],
     "llama3-3b-full": ["tests/data/alpaca.jsonl", "--max_steps"],
     "llama3-70b-qlora": ["tests/data/alpaca.jsonl", "--max_steps"],
+    "llama3-70b-lora": ["tests/data/alpaca.jsonl", "--max_steps"],
     # DPO goes on from an SFT run's output directory.
     "llama3-8b-dpo": ["tests/data/alpaca.jsonl", "tests/data/preference.jsonl", "--model_name sft "],
     "export": ["merge --adapter sft ", " gguf ", " q8_0", " ollama "],

@@ -86,6 +86,17 @@ in
       "run/metrics.json"
     ];
   };
+  llama3-70b-lora = {
+    file = "llama3_70b_lora.py";
+    envVar = "LLAMA3_70B_LORA_SCRIPT";
+    summary = "LoRA on Llama 3.1 70B in bf16, every weight sharded across torchrun ranks (FSDP2)";
+    # One process: a process group of one, the same sharded code path as on two machines.
+    smoke = [ (onTinyModel "@script@" "alpaca.jsonl") ];
+    expects = [
+      "run/final/adapter_model.safetensors"
+      "run/metrics.json"
+    ];
+  };
   llama3-8b-dpo = {
     file = "llama3_8b_dpo.py";
     envVar = "LLAMA3_8B_DPO_SCRIPT";

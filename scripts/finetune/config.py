@@ -52,6 +52,11 @@ class TrainConfig:
     gradient_checkpointing: bool = option(
         "recompute activations in the backward pass to save memory", default=False
     )
+    shard: bool = option(
+        "shard every weight across the ranks with FSDP2 (torchrun across GPUs or machines); "
+        "off: each rank holds the whole model (DDP)",
+        default=False,
+    )
 
     # LoRA (ignored by full fine-tuning)
     lora_rank: int = option("LoRA rank r", default=8)
@@ -390,9 +395,32 @@ def validate(cfg: TrainConfig) -> None:
             raise bad("lora_dropout", "must be in [0, 1)")
         if not target_modules(cfg):
             raise bad("target_modules", "name at least one module, or all-linear")
+    if cfg.shard and cfg.method == "qlora":
+        raise UserError(
+            "--shard: 4-bit QLoRA weights are not sharded; use --shard with LoRA on the bf16 model "
+            "(llama3_70b_lora.py), or QLoRA without --shard (each rank holds the whole 4-bit model)"
+        )
     if not cfg.output_dir:
         raise UserError("--output_dir is required")
     _validate_evaluation(cfg)
+    if cfg.shard:
+        # The sharded loop (sharding.py) has its own, simpler loop: it evaluates once, at the end.
+        unsupported = [
+            f"--{name}"
+            for name, on in (
+                ("eval_steps", cfg.eval_steps),
+                ("eval_strategy", cfg.eval_strategy not in ("auto", "no")),
+                ("load_best_model_at_end", cfg.load_best_model_at_end),
+                ("early_stopping_patience", cfg.early_stopping_patience),
+                ("max_nan_steps", cfg.max_nan_steps),
+            )
+            if on
+        ]
+        if unsupported:
+            raise UserError(
+                f"{', '.join(unsupported)}: not available with --shard yet (a sharded run evaluates once, at the "
+                "end); drop them, or train without --shard where the model fits one device"
+            )
 
 
 def eval_strategy(cfg: TrainConfig) -> str:

@@ -77,6 +77,8 @@ class DPOConfig(TrainConfig):
             raise UserError(f"--beta {self.beta!r}: must be a positive number")
         if not self.uses_lora:
             raise UserError(f"DPO trains a LoRA adapter; method {self.method!r} is not lora or qlora")
+        if self.shard:
+            raise UserError("--shard: DPO runs data-parallel (each rank holds the whole model); drop --shard")
 
 
 # ---------------------------------------------------------------------------------------------------- data

@@ -13,6 +13,9 @@ sum of:
 - runtime: on CUDA the context, cuBLAS workspaces and allocator slack; on the CPU the process's resident
   memory when the plan is made (interpreter, libraries, tokenizer, data) plus what the trainer adds.
 
+With --shard (FSDP2) the estimate is per rank (`per_rank`): weights and trainable state split N ways, plus the
+decoder layers gathered whole while they run.
+
 The test suite compares this estimate with measured peaks on the CPU (tests/test_memory.py): LoRA and full
 fine-tuning come within ~10%. QLoRA on the CPU peaks higher than this, while loading: bitsandbytes' CPU backend
 quantizes through transient full-precision copies that its CUDA kernels do not make.
@@ -21,6 +24,7 @@ quantizes through transient full-precision copies that its CUDA kernels do not m
 from __future__ import annotations
 
 import math
+import os
 import resource
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -194,6 +198,38 @@ def micro_batch_tokens(
     return worst
 
 
+def decoder_layer_params(model_config) -> int:
+    """Parameters of one Llama-style decoder layer: attention, SwiGLU MLP and two norms."""
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    hidden = text.hidden_size
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or hidden // heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    intermediate = getattr(text, "intermediate_size", 4 * hidden)
+    return (
+        2 * hidden * heads * head_dim
+        + 2 * hidden * kv_heads * head_dim
+        + 3 * hidden * intermediate
+        + 2 * hidden
+    )
+
+
+def per_rank(estimate: MemoryEstimate, cfg: TrainConfig, model_config, dtype: torch.dtype, ranks: int):
+    """The peak of one of `ranks` ranks when every weight is sharded (FSDP2, --shard): weights and trainable state
+    are split N ways; while a decoder layer runs, its weights are gathered whole, and the next layer's are
+    prefetched (two layers), plus for full fine-tuning one layer's unsharded gradient. Activations, logits and
+    the runtime are each rank's own."""
+    layer = decoder_layer_params(model_config) * _dtype_bytes(dtype)
+    gathered = 2 * layer + (0 if cfg.uses_lora else layer)
+    return MemoryEstimate(
+        weights=math.ceil(estimate.weights / ranks) + (gathered if ranks > 1 else 0),
+        trainable_state=math.ceil(estimate.trainable_state / ranks),
+        activations=estimate.activations,
+        logits=estimate.logits,
+        runtime=estimate.runtime,
+    )
+
+
 def estimate_run(
     cfg: TrainConfig,
     model_config,
@@ -202,9 +238,21 @@ def estimate_run(
     total_params: int,
     trainable_params: int,
     examples: int | None = None,
+    ranks: int | None = None,
 ) -> MemoryEstimate:
     """`estimate_peak` for the largest micro-batch of the prepared data (truncated at --seq_length) that a run
-    drawing `examples` examples meets (see `micro_batch_tokens`)."""
+    drawing `examples` examples meets (see `micro_batch_tokens`); with --shard, for one of `ranks` ranks (default:
+    this run's WORLD_SIZE)."""
+    estimate = _estimate_run(cfg, model_config, stats, place, total_params, trainable_params, examples)
+    if not cfg.shard:
+        return estimate
+    ranks = ranks or int(os.environ.get("WORLD_SIZE", "1"))
+    return per_rank(estimate, cfg, model_config, place.dtype, ranks)
+
+
+def _estimate_run(
+    cfg, model_config, stats, place, total_params, trainable_params, examples
+) -> MemoryEstimate:
     lengths = [min(n, cfg.seq_length) for n in stats.lengths]
     tokens = micro_batch_tokens(lengths, cfg.batch_size, cfg.packing, examples)
     # Logits are computed only where loss is (see train.loss_positions_only); in a padded batch, at every

@@ -18,6 +18,7 @@ from .model import Placement, check_trainable, count_parameters, load_model_conf
 from .outputs import CHECKPOINTS, finished_run, is_main_process, prepare_output_dir
 from .preflight import check_memory, enforce
 from .report import plan_text, summary_table
+from .sharding import train_sharded
 from .strategies import describe_export, describe_strategy, run_export
 from .train import train, world_size
 
@@ -114,7 +115,9 @@ def run(cfg: TrainConfig) -> dict | None:
         cfg,
         model_config,
         data,
-        lambda place, resume_from, plan: train(cfg, tokenizer, data, place, resume_from, plan),
+        lambda place, resume_from, plan: (train_sharded if cfg.shard else train)(
+            cfg, tokenizer, data, place, resume_from, plan
+        ),
     )
 
 

@@ -139,6 +139,11 @@ def _suggestions(cfg: TrainConfig, plan: dict, stats: DataStats, place: Placemen
             qlora_trainable = count_parameters(qlora, model_config)[1]
         if fits(qlora, qlora_trainable):
             found.append("QLoRA (llama3_70b_qlora.py with the same --model_name)")
+    ranks = ranks_to_fit(cfg, plan, stats, place, available)
+    if ranks:
+        found.append(
+            f"--shard on {ranks} ranks ({ranks} GPUs, or {ranks} machines like this one, with torchrun)"
+        )
     if found:
         return found
     smallest = dataclasses.replace(qlora, gradient_checkpointing=True, batch_size=1)
@@ -146,6 +151,31 @@ def _suggestions(cfg: TrainConfig, plan: dict, stats: DataStats, place: Placemen
         qlora_text = " with QLoRA" if cfg.method != "qlora" else ""
         return [f"--gradient_checkpointing --batch_size 1{qlora_text}"]
     return []
+
+
+MAX_RANKS = 64
+
+
+def ranks_to_fit(
+    cfg: TrainConfig, plan: dict, stats: DataStats, place: Placement, available: Available
+) -> int | None:
+    """The fewest ranks, each with memory like this process's, on which the run fits with every weight sharded
+    (--shard); None when sharding cannot help (4-bit QLoRA is not sharded) or even MAX_RANKS are not enough."""
+    if cfg.method == "qlora":
+        return None
+    sharded = dataclasses.replace(cfg, shard=True)
+    examples = plan["steps"] * plan["examples_per_step"]
+    current = int(os.environ.get("WORLD_SIZE", "1")) if cfg.shard else 1
+    for ranks in range(current + 1, MAX_RANKS + 1):
+        estimate = estimate_run(
+            sharded, plan["model_config"], stats, place, plan["parameters"], plan["trainable_parameters"],
+            examples, ranks=ranks,
+        )  # fmt: skip
+        # One rank per GPU or machine: no other rank of the run shares this memory.
+        needed = estimate.total - (resident_bytes() if place.device != "cuda" else 0)
+        if _fits(needed, available):
+            return ranks
+    return None
 
 
 def check_memory(cfg: TrainConfig, plan: dict, stats: DataStats, place: Placement) -> MemoryCheck:
