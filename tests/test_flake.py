@@ -261,6 +261,8 @@ def test_devshells_export_the_playbook_scripts(shells, outputs):
         expected = {"pytorch-fine-tune", "pytorch-fine-tune-cpu", "default"}
         assert expected <= set(shells[system]), f"{system} devShells: {sorted(shells[system])}"
         for shell_name, env in shells[system].items():
+            if shell_name.startswith("llama-factory"):
+                continue  # test_llama_factory_shells_and_checks
             exported = {k: v for k, v in env.items() if k.endswith("_SCRIPT")}
             assert set(exported) == {var for _, var, _ in PLAYBOOKS.values()}, (
                 f"{system}.{shell_name}: {exported}"
@@ -318,7 +320,8 @@ def test_python_set_fixes_and_cuda_presets(flake):
         " packages = env.packageNames; hub = ps.huggingface-hub.version; trl = ps.trl.version;"
         " deps = map (d: d.pname) ps.llm-finetune.dependencies;"
         " relaxed = ps.transformers.pythonRelaxDeps or [ ]; cuda = ps.torch.cudaSupport;"
-        " capabilities = ps.torch.cudaCapabilities; bnb = ps.bitsandbytes.cmakeFlags; }) ds",
+        " capabilities = ps.torch.cudaCapabilities; bnb = ps.bitsandbytes.cmakeFlags; })"
+        ' (builtins.removeAttrs ds [ "llama-factory" "llama-factory-cpu" ])',
     )
     for name, shell in summary.items():
         assert "llm-finetune" in shell["packages"] and "pytest" in shell["packages"], name
@@ -334,6 +337,64 @@ def test_python_set_fixes_and_cuda_presets(flake):
     assert summary["pytorch-fine-tune-h100"]["capabilities"] == ["9.0"]
     # The default preset leaves bitsandbytes as nixpkgs builds it (binary cache).
     assert not any("COMPUTE_CAPABILITY" in f for f in summary["pytorch-fine-tune"]["bnb"])
+
+
+@needs_nix
+def test_llama_factory_shells_and_checks(flake, shells, outputs):
+    # Its own Python set at LLaMA-Factory's pins, on the very torch and bitsandbytes of pytorch-fine-tune.
+    sets = flake["eval"](
+        "devShells.x86_64-linux",
+        "ds: builtins.mapAttrs (_: s: let ps = (builtins.head s.packages).pkgs; in {"
+        " torch = ps.torch.drvPath; bnb = ps.bitsandbytes.drvPath;"
+        " versions = builtins.listToAttrs (map (n: { name = n; value = ps.${n}.version; })"
+        ' [ "trl" "datasets" "accelerate" "gradio" "tyro" "transformers" "peft" "huggingface-hub" ]);'
+        " lf = map (d: d.pname) ps.llamafactory.dependencies; src = ps.llamafactory.src.rev; })"
+        " (builtins.intersectAttrs { llama-factory = 0; llama-factory-cpu = 0; pytorch-fine-tune = 0;"
+        " pytorch-fine-tune-cpu = 0; } ds)",
+    )
+    for flavour in ("", "-cpu"):
+        lf, ours = sets[f"llama-factory{flavour}"], sets[f"pytorch-fine-tune{flavour}"]
+        assert (lf["torch"], lf["bnb"]) == (ours["torch"], ours["bnb"]), "torch/bitsandbytes must not rebuild"
+        assert lf["versions"] == {
+            "trl": "0.24.0", "datasets": "4.0.0", "accelerate": "1.11.0", "gradio": "5.50.0", "tyro": "0.8.14",
+            "transformers": "5.5.4", "peft": "0.18.0", "huggingface-hub": "1.31.0",
+        }, lf["versions"]  # fmt: skip
+        assert {"torchvision", "torchaudio", "gradio", "trl"} <= set(lf["lf"])
+        assert lf["src"] == "refs/tags/v0.9.5"
+
+    for system in SYSTEMS:
+        for name in ("llama-factory", "llama-factory-cpu"):
+            env = shells[system][name]
+            assert env["LLAMA_FACTORY_DATA"].endswith("-source/data"), env["LLAMA_FACTORY_DATA"]
+            assert env["LLAMA_FACTORY_EXAMPLES"].endswith("-source/examples")
+            hook = env["shellHook"]
+            assert 'GRADIO_SERVER_NAME="${GRADIO_SERVER_NAME:-127.0.0.1}"' in hook
+            for command in (
+                "llamafactory-init",
+                "llamafactory-cli train examples/train_lora/qwen3_lora_sft.yaml",
+                "llamafactory-cli chat examples/inference/qwen3_lora_sft.yaml",
+                "llamafactory-cli export examples/merge_lora/qwen3_lora_sft.yaml",
+                "llamafactory-cli webui",
+            ):
+                assert command in hook, f"the help of {system}.{name} lacks {command!r}"
+            assert ("llm_finetune_host_driver" in hook) == (name == "llama-factory")
+            assert ("TRITON_PTXAS_PATH" in env) == (name == "llama-factory")
+
+        checks = outputs["checks"][system]
+        tiny_model = outputs["packages"][system]["tiny-model"]
+        cli, webui = checks["smoke-llama-factory-cli"], checks["smoke-llama-factory-webui"]
+        for command in (
+            "train 'examples/train_lora/",
+            "chat 'examples/inference/",
+            "export 'examples/merge_lora/",
+        ):
+            assert f"llamafactory-cli {command}qwen3_lora_sft.yaml'" in cli, command
+        assert f"'model_name_or_path={tiny_model}' 'template=llama3'" in cli and "'max_steps=8'" in cli
+        assert "saves/qwen3-4b/lora/sft/adapter_model.safetensors" in cli and "Modelfile" in cli
+        for text in ("llamafactory-init", "HF_HUB_OFFLINE=1", 'HOME="$TMPDIR"'):
+            assert text in cli and text in webui, text
+        assert "GRADIO_SERVER_NAME=127.0.0.1" in webui and "llamafactory-cli webui" in webui
+        assert 'kill "$pid"' in webui and "did not stop" in webui
 
 
 @needs_nix

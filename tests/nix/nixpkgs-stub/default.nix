@@ -182,6 +182,24 @@ let
           meta.mainProgram = name;
         };
 
+      fetchFromGitHub =
+        {
+          owner,
+          repo,
+          hash,
+          tag ? null,
+          rev ? null,
+          ...
+        }:
+        assert (tag == null) != (rev == null) || throw "fetchFromGitHub: give exactly one of tag and rev";
+        mkFake {
+          name = "source";
+          env = {
+            inherit owner repo hash;
+            rev = if tag != null then "refs/tags/${tag}" else rev;
+          };
+        };
+
       coreutils = tool "coreutils" "9.8" "coreutils";
       findutils = tool "findutils" "4.10.0" "find";
       ruff = tool "ruff" "0.14.0" "ruff";

@@ -45,6 +45,47 @@ let
     ruff = [ "0.14.0" [ ] { } ];
     requests = [ "2.32.5" [ ] { } ];
     pillow = [ "12.0.0" [ ] { } ];
+    # For playbooks/llama-factory: present in nixpkgs; versions not read from its source (only
+    # their presence is checked here).
+    hatchling = [ "1.27.0" [ ] { } ];
+    torchvision = [ "0.28.0" [ ] { } ];
+    torchaudio = [ "2.13.0" [ ] { } ];
+    torchdata = [ "0.11.0" [ ] { } ];
+    urllib3 = [ "2.5.0" [ ] { } ];
+    einops = [ "0.8.1" [ ] { } ];
+    sentencepiece = [ "0.2.1" [ ] { } ];
+    tiktoken = [ "0.12.0" [ ] { } ];
+    modelscope = [ "1.31.0" [ ] { } ];
+    hf-transfer = [ "0.1.9" [ ] { } ];
+    av = [ "16.0.1" [ ] { } ];
+    fire = [ "0.7.1" [ ] { } ];
+    omegaconf = [ "2.3.0" [ ] { } ];
+    pydantic = [ "2.12.4" [ ] { } ];
+    uvicorn = [ "0.38.0" [ ] { } ];
+    fastapi = [ "0.121.1" [ ] { } ];
+    starlette = [ "0.49.3" [ ] { } ];
+    sse-starlette = [ "3.0.3" [ ] { } ];
+    gradio = [ "5.49.1" [ ] { } ];
+    gradio-client = [ "1.13.3" [ ] { } ];
+    tyro = [ "1.0.5" [ ] { } ];
+    docstring-parser = [ "0.17.0" [ ] { } ];
+    shtab = [ "1.7.2" [ ] { } ];
+    typeguard = [ "4.4.4" [ ] { } ];
+    aiofiles = [ "25.1.0" [ ] { } ];
+    anyio = [ "4.11.0" [ ] { } ];
+    audioop-lts = [ "0.2.2" [ ] { } ];
+    brotli = [ "1.2.0" [ ] { } ];
+    ffmpy = [ "0.6.4" [ ] { } ];
+    groovy = [ "0.1.2" [ ] { } ];
+    jinja2 = [ "3.1.6" [ ] { } ];
+    markupsafe = [ "3.0.3" [ ] { } ];
+    orjson = [ "3.11.4" [ ] { } ];
+    pydub = [ "0.25.1" [ ] { } ];
+    python-multipart = [ "0.0.20" [ ] { } ];
+    safehttpx = [ "0.1.7" [ ] { } ];
+    semantic-version = [ "2.10.0" [ ] { } ];
+    tomlkit = [ "0.13.3" [ ] { } ];
+    websockets = [ "15.0.1" [ ] { } ];
     # nixpkgs builds gguf from llama.cpp's gguf-py and versions it with llama.cpp's build number.
     gguf = [
       "9967"
@@ -320,39 +361,55 @@ let
         f (builtins.intersectAttrs (builtins.functionArgs f) (final // pyfinal) // args);
     };
 
-  pkgs = lib.fix (
-    builtins.foldl' (f: ext: lib.extends ext f) basePackages final.pythonPackagesExtensions
-  );
+  # `packageOverrides` come after pythonPackagesExtensions, as in nixpkgs' `python3.override`.
+  makePython =
+    packageOverrides:
+    let
+      pkgs = lib.fix (
+        builtins.foldl' (f: ext: lib.extends ext f) basePackages (
+          final.pythonPackagesExtensions ++ [ packageOverrides ]
+        )
+      );
 
-  python = mkFake {
-    name = "python3-${pythonVersion}.0";
-    env = {
-      version = "${pythonVersion}.0";
-    };
-    passthru = {
-      inherit pythonVersion sitePackages pkgs;
-      interpreter = "${python}/bin/python3";
-      withPackages =
-        f:
-        let
-          selected = f pkgs;
-        in
-        assert
-          builtins.isList selected || throw "python3.withPackages: the function must return a list";
-        assert
-          builtins.all lib.isDerivation selected
-          || throw "python3.withPackages: every element must be a package";
-        mkFake {
-          name = "python3-${pythonVersion}.0-env";
-          env = {
-            packages = selected;
-            packageNames = map (p: p.pname) selected;
-          };
-          passthru = {
-            inherit python pkgs;
-          };
+      python = mkFake {
+        name = "python3-${pythonVersion}.0";
+        env = {
+          version = "${pythonVersion}.0";
         };
-    };
-  };
+        passthru = {
+          inherit pythonVersion sitePackages pkgs;
+          interpreter = "${python}/bin/python3";
+          override =
+            {
+              packageOverrides ? (_: _: { }),
+              ...
+            }:
+            makePython packageOverrides;
+          withPackages =
+            f:
+            let
+              selected = f pkgs;
+            in
+            assert
+              builtins.isList selected || throw "python3.withPackages: the function must return a list";
+            assert
+              builtins.all lib.isDerivation selected
+              || throw "python3.withPackages: every element must be a package";
+            mkFake {
+              name = "python3-${pythonVersion}.0-env";
+              env = {
+                packages = selected;
+                packageNames = map (p: p.pname) selected;
+              };
+              passthru = {
+                inherit python pkgs;
+              };
+            };
+        };
+      };
+    in
+    python;
+
+  python = makePython (_: _: { });
 in
 python
