@@ -348,7 +348,7 @@ def test_llama_factory_shells_and_checks(flake, shells, outputs):
         " torch = ps.torch.drvPath; bnb = ps.bitsandbytes.drvPath;"
         " versions = builtins.listToAttrs (map (n: { name = n; value = ps.${n}.version; })"
         ' [ "trl" "datasets" "accelerate" "gradio" "tyro" "transformers" "peft" "huggingface-hub" ]);'
-        " lf = map (d: d.pname) ps.llamafactory.dependencies; src = ps.llamafactory.src.rev; })"
+        " lf = map (d: d.pname) (ps.llamafactory.dependencies or [ ]); src = ps.llamafactory.src.rev or null; })"
         " (builtins.intersectAttrs { llama-factory = 0; llama-factory-cpu = 0; pytorch-fine-tune = 0;"
         " pytorch-fine-tune-cpu = 0; } ds)",
     )

@@ -325,29 +325,44 @@ def test_webui_serves_its_page_and_stops_by_pid(webui):
         urllib.request.urlopen(webui["url"], timeout=5)
 
 
-def test_llama_factory_adapter_goes_through_our_export_and_evaluate(
-    lf_home, lf_adapter, tiny_model, run_script, tmp_path
-):
-    """An adapter trained by `llamafactory-cli train` is a PEFT adapter our scripts take as it is."""
-    merged, gguf, modelfile = tmp_path / "merged", tmp_path / "model.gguf", tmp_path / "Modelfile"
-    run_script("export.py", "merge", "--adapter", lf_adapter, "--output_dir", merged, check=True)
-    assert (merged / "model.safetensors").is_file()
-    run_script("export.py", "gguf", "--model", merged, "--outfile", gguf, "--outtype", "f16", check=True)
-    assert gguf.read_bytes()[:4] == b"GGUF"
-    run_script("export.py", "ollama", "--gguf", gguf, "--model", merged, "--outfile", modelfile, check=True)
-    assert modelfile.read_text().startswith(f"FROM {gguf}") and "<|eot_id|>" in modelfile.read_text()
+def _main(cli, capsys, *argv) -> str:
+    """One of our entry points in this process (as the project's own tests call them); its stdout."""
+    try:
+        cli.main([str(a) for a in argv])
+    except SystemExit as exc:
+        captured = capsys.readouterr()
+        raise AssertionError(f"{argv[0]} exited {exc.code}: {captured.err[-2000:]}") from None
+    return capsys.readouterr().out
 
-    answers = run_script(
-        "evaluate.py", "generate", "--model", lf_adapter, "--prompt", "Name a primary colour.",
-        "--max_new_tokens", "8", check=True,
+
+def test_llama_factory_adapter_goes_through_our_export_and_evaluate(
+    lf_home, lf_adapter, tiny_model, tmp_path, capsys
+):
+    """An adapter trained by `llamafactory-cli train` is a PEFT adapter our export.py and evaluate.py take as it is,
+    in the project's own environment."""
+    import evaluate as evaluate_cli
+    import export as export_cli
+
+    merged, gguf, modelfile = tmp_path / "merged", tmp_path / "model.gguf", tmp_path / "Modelfile"
+    # merge finds the base in adapter_config.json, and checks the merged logits against base + adapter.
+    _main(export_cli, capsys, "merge", "--adapter", lf_adapter, "--output_dir", merged)
+    assert (merged / "model.safetensors").is_file()
+    _main(export_cli, capsys, "gguf", "--model", merged, "--outfile", gguf, "--outtype", "f16")
+    assert gguf.read_bytes()[:4] == b"GGUF"
+    _main(export_cli, capsys, "ollama", "--gguf", gguf, "--model", merged, "--outfile", modelfile)
+    assert modelfile.read_text().startswith("FROM ./model.gguf\n") and "<|eot_id|>" in modelfile.read_text()
+
+    answers = _main(
+        evaluate_cli, capsys, "generate", "--model", lf_adapter, "--prompt", "Name a primary colour.",
+        "--max_new_tokens", "8",
     )  # fmt: skip
-    assert "(base)" in answers.stdout and "Name a primary colour." in answers.stdout
+    assert "(base)" in answers and "Name a primary colour." in answers
     # On rows LLaMA-Factory trained on (its alpaca_en_demo, first max_samples rows), our evaluation sees the
     # adapter beat its base.
     report = tmp_path / "eval.json"
-    run_script(
-        "evaluate.py", "eval", "--model", lf_adapter, "--dataset", lf_home["dir"] / "data" / "alpaca_en_demo.json",
-        "--dataset_size", "32", "--seq_length", "128", "--output", report, check=True,
+    _main(
+        evaluate_cli, capsys, "eval", "--model", lf_adapter, "--dataset", lf_home["dir"] / "data" / "alpaca_en_demo.json",
+        "--dataset_size", "32", "--seq_length", "128", "--output", report,
     )  # fmt: skip
     metrics = json.loads(report.read_text())
     assert metrics["model"] == str(tiny_model) and metrics["examples"] == 32, metrics

@@ -15,10 +15,10 @@ let
   init = callPackage ./init.nix { inherit source version; };
   smoke = builtins.fromJSON (builtins.readFile ./smoke.json);
 
-  onTinyModel = map (
-    builtins.replaceStrings [ "{model}" ] [ "${llm-finetune-tiny-model}" ]
-  ) smoke.model;
-  llamafactory = command: args: "llamafactory-cli ${command} ${lib.escapeShellArgs (args ++ onTinyModel)}";
+  tinyModel = "${llm-finetune-tiny-model}";
+  onTinyModel = map (builtins.replaceStrings [ "{model}" ] [ tinyModel ]) smoke.model;
+  llamafactory =
+    command: args: "llamafactory-cli ${command} ${lib.escapeShellArgs (args ++ onTinyModel)}";
 
   # In an empty directory with LLaMA-Factory's data/ and examples/, as `llamafactory-init` leaves it.
   check =

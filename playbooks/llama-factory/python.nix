@@ -104,7 +104,9 @@ let
       version = "4.0.0";
       hash = "sha256-llfnFAqQUNsTRDuiHLXeGFr4r5REebAOf/HgCmHI2/E=";
       overrides = old: {
+        # setup.py's REQUIRED_PKGS; aiohttp is fsspec's `http` extra.
         dependencies = with pyfinal; [
+          aiohttp
           dill
           filelock
           fsspec
@@ -130,7 +132,9 @@ let
     tyro = olderRelease pyfinal pyprev.tyro {
       version = "0.8.14";
       hash = "sha256-JRbjTSF2NXUVlFnDsV/koTRyohZt/zIWnJ16q3CFMFg=";
+      # 0.8 builds with setuptools (1.x, nixpkgs' release, with hatchling).
       overrides = _: {
+        build-system = [ pyfinal.setuptools ];
         dependencies = with pyfinal; [
           docstring-parser
           rich

@@ -191,7 +191,8 @@ let
           rev ? null,
           ...
         }:
-        assert (tag == null) != (rev == null) || throw "fetchFromGitHub: give exactly one of tag and rev";
+        assert
+          (tag == null) != (rev == null) || throw "fetchFromGitHub: give exactly one of tag and rev";
         mkFake {
           name = "source";
           env = {

@@ -9,7 +9,9 @@
   final,
   config,
   cudaPackages,
-}:
+  # What `python3.override { packageOverrides = ...; }` passes: applied after pythonPackagesExtensions.
+  packageOverrides ? (_: _: { }),
+}@args:
 let
   pythonVersion = "3.14";
   sitePackages = "lib/python${pythonVersion}/site-packages";
@@ -72,6 +74,7 @@ let
     shtab = [ "1.7.2" [ ] { } ];
     typeguard = [ "4.4.4" [ ] { } ];
     aiofiles = [ "25.1.0" [ ] { } ];
+    aiohttp = [ "3.13.2" [ ] { } ];
     anyio = [ "4.11.0" [ ] { } ];
     audioop-lts = [ "0.2.2" [ ] { } ];
     brotli = [ "1.2.0" [ ] { } ];
@@ -361,55 +364,47 @@ let
         f (builtins.intersectAttrs (builtins.functionArgs f) (final // pyfinal) // args);
     };
 
-  # `packageOverrides` come after pythonPackagesExtensions, as in nixpkgs' `python3.override`.
-  makePython =
-    packageOverrides:
-    let
-      pkgs = lib.fix (
-        builtins.foldl' (f: ext: lib.extends ext f) basePackages (
-          final.pythonPackagesExtensions ++ [ packageOverrides ]
-        )
-      );
+  pkgs = lib.fix (
+    builtins.foldl' (f: ext: lib.extends ext f) basePackages (
+      final.pythonPackagesExtensions ++ [ packageOverrides ]
+    )
+  );
 
-      python = mkFake {
-        name = "python3-${pythonVersion}.0";
-        env = {
-          version = "${pythonVersion}.0";
+  python = mkFake {
+    name = "python3-${pythonVersion}.0";
+    env = {
+      version = "${pythonVersion}.0";
+    };
+    passthru = {
+      inherit pythonVersion sitePackages pkgs;
+      interpreter = "${python}/bin/python3";
+      override =
+        {
+          packageOverrides ? (_: _: { }),
+          ...
+        }:
+        import ./python.nix (args // { inherit packageOverrides; });
+      withPackages =
+        f:
+        let
+          selected = f pkgs;
+        in
+        assert
+          builtins.isList selected || throw "python3.withPackages: the function must return a list";
+        assert
+          builtins.all lib.isDerivation selected
+          || throw "python3.withPackages: every element must be a package";
+        mkFake {
+          name = "python3-${pythonVersion}.0-env";
+          env = {
+            packages = selected;
+            packageNames = map (p: p.pname) selected;
+          };
+          passthru = {
+            inherit python pkgs;
+          };
         };
-        passthru = {
-          inherit pythonVersion sitePackages pkgs;
-          interpreter = "${python}/bin/python3";
-          override =
-            {
-              packageOverrides ? (_: _: { }),
-              ...
-            }:
-            makePython packageOverrides;
-          withPackages =
-            f:
-            let
-              selected = f pkgs;
-            in
-            assert
-              builtins.isList selected || throw "python3.withPackages: the function must return a list";
-            assert
-              builtins.all lib.isDerivation selected
-              || throw "python3.withPackages: every element must be a package";
-            mkFake {
-              name = "python3-${pythonVersion}.0-env";
-              env = {
-                packages = selected;
-                packageNames = map (p: p.pname) selected;
-              };
-              passthru = {
-                inherit python pkgs;
-              };
-            };
-        };
-      };
-    in
-    python;
-
-  python = makePython (_: _: { });
+    };
+  };
 in
 python
