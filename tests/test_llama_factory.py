@@ -75,7 +75,17 @@ def _run(cmd: list, **kwargs) -> subprocess.CompletedProcess:
 def _create_venv(stamp: str) -> None:
     """The venv, LLaMA-Factory's data/ and examples/, and a stamp naming the constraints they came from."""
     shutil.rmtree(VENV, ignore_errors=True)
-    pip = [VENV / "bin" / "python", "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    # --no-compile: byte-compiling every installed module took longer than the install itself; Python
+    # compiles the modules a run imports on first use.
+    pip = [
+        VENV / "bin" / "python",
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--disable-pip-version-check",
+        "--no-compile",
+    ]
     steps = [
         [sys.executable, "-m", "venv", VENV],
         # torch first, so that nothing pulls a CUDA build; then exactly the listed versions.
