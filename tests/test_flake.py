@@ -388,7 +388,7 @@ def test_llama_factory_shells_and_checks(flake, shells, outputs):
         for command in ("train", "chat", "export"):
             yaml = {"train": "train_lora", "chat": "inference", "export": "merge_lora"}[command]
             assert f"llamafactory-cli {command} examples/{yaml}/qwen3_lora_sft.yaml " in words, command
-        assert f"model_name_or_path={tiny_model} template=llama3" in words and " max_steps=8 " in words
+        assert f"model_name_or_path={tiny_model} template=llama3" in words and " max_steps=16 " in words
         assert "saves/qwen3-4b/lora/sft/adapter_model.safetensors" in cli and "Modelfile" in cli
         for text in ("llamafactory-init", "HF_HUB_OFFLINE=1", 'HOME="$TMPDIR"'):
             assert text in cli and text in webui, text

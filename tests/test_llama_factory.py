@@ -174,8 +174,8 @@ def test_train_command_trains_a_lora_adapter(lf_adapter, tiny_model):
     assert config["base_model_name_or_path"] == str(tiny_model) and config["r"] == 8
     logged = [json.loads(line) for line in (lf_adapter / "trainer_log.jsonl").read_text().splitlines()]
     losses = [row["loss"] for row in logged if "loss" in row]
-    assert len(losses) == 8, logged  # max_steps=8, logging_steps=1
-    assert sum(losses[-2:]) / 2 < losses[0] - 0.05, losses
+    assert len(losses) == 16, logged  # max_steps=16, logging_steps=1
+    assert sum(losses[-4:]) / 4 < losses[0] - 0.1, losses
 
 
 def test_chat_command_answers_with_the_adapter(lf_home, lf_adapter, tiny_model):
