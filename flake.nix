@@ -1,9 +1,12 @@
 {
   description = "Reproducible LLM fine-tuning on NVIDIA GPUs (DGX Spark, H100, RTX): a pinned PyTorch stack and playbook scripts";
 
-  # The CUDA packages (torch, triton, bitsandbytes with CUDA) are built by the nixos-cuda binary
-  # cache. Accept this with `--accept-flake-config` or by adding the cache to your nix.conf (see
-  # playbooks/pytorch-fine-tune/README.md); without it torch builds from source, for hours.
+  # The default CUDA shell takes torch and the CUDA libraries from PyPI's wheels (fixed-output
+  # downloads, no cache needed). The nix-community CUDA cache holds nixpkgs' CUDA builds (torch,
+  # triton, ...) for x86_64-linux only, for the `-cuda12` and preset shells. Accept it with
+  # `--accept-flake-config` or in your nix.conf; without it, and on aarch64-linux always, those
+  # shells build torch from source, for hours. What each shell downloads and builds, per system:
+  # playbooks/pytorch-fine-tune/README.md.
   nixConfig = {
     extra-substituters = [ "https://cache.nixos-cuda.org" ];
     extra-trusted-public-keys = [
@@ -27,13 +30,17 @@
       cuda = import ./overlays/cuda.nix;
 
       # nixpkgs with this flake's overlay. `variant` is passed to cuda.nixpkgsConfig:
-      # { } = CUDA with the cache-friendly default capabilities, { preset = "spark"; } etc.,
+      # { wheels = true; } = CUDA from PyPI's wheels (overlays.cuda-wheels) on CPU nixpkgs,
+      # { } = nixpkgs' CUDA with the cache-friendly default capabilities, { preset = "spark"; } etc.,
       # { cudaSupport = false; } = CPU only.
       pkgsFor =
         system: variant:
+        let
+          wheels = variant.wheels or false;
+        in
         import nixpkgs {
           inherit system;
-          overlays = [ self.overlays.default ];
+          overlays = [ self.overlays.default ] ++ lib.optional wheels self.overlays.cuda-wheels;
           config = cuda.nixpkgsConfig variant;
         };
 
@@ -41,7 +48,8 @@
         system:
         let
           cpu = pkgsFor system { cudaSupport = false; };
-          gpu = pkgsFor system { };
+          # The CUDA Python every CUDA app and the default shell use: nothing CUDA is compiled.
+          gpu = pkgsFor system { wheels = true; };
 
           # One scripts package for every shell, app and check, so the checks run the very files the
           # devShells export.
@@ -60,19 +68,21 @@
           llamaFactoryShellFor = pkgs: pkgs.callPackage ./playbooks/llama-factory { };
 
           # `nix run .#<name> -- --help`: the script with the CUDA Python, the host driver linked in
-          # on non-NixOS systems like in the devShell.
+          # on non-NixOS systems like in the devShell; or with the CPU Python where it asks for it.
           appFor =
             playbook:
             let
-              program = gpu.writeShellApplication {
+              cpuOnly = playbook.cpuOnly or false;
+              pkgs = if cpuOnly then cpu else gpu;
+              program = pkgs.writeShellApplication {
                 inherit (playbook) name;
                 runtimeInputs = [
-                  gpu.llm-finetune-python
-                  gpu.coreutils
-                  gpu.findutils
+                  pkgs.llm-finetune-python
+                  pkgs.coreutils
+                  pkgs.findutils
                 ];
                 text = ''
-                  ${builtins.readFile ./playbooks/pytorch-fine-tune/host-driver.sh}
+                  ${lib.optionalString (!cpuOnly) (builtins.readFile ./playbooks/pytorch-fine-tune/host-driver.sh)}
                   exec python ${playbook.path} "$@"
                 '';
               };
@@ -80,6 +90,8 @@
             {
               type = "app";
               program = lib.getExe program;
+              # Nix >= 2.26's `flake check` warns about apps without it.
+              meta.description = playbook.summary;
             };
 
           # Runs a script's smoke commands (scripts.nix) on the tiny model and the shipped data, on the
@@ -128,7 +140,8 @@
               '';
 
           # The repository's Python side, for the test and lint checks (tests/test_flake.py also
-          # reads flake.lock and the playbook's host-driver.sh).
+          # reads flake.lock and the playbook's host-driver.sh; tests/test_cuda_wheels.py the
+          # wheel manifests; tests/test_lint.py lints dev.py and bench/ too).
           pythonSource = lib.fileset.toSource {
             root = ./.;
             fileset = lib.fileset.unions [
@@ -139,6 +152,10 @@
               ./playbooks
               ./README.md
               ./constraints.txt
+              ./constraints-latest.txt
+              ./dev.py
+              ./bench
+              ./overlays/cuda-wheels
             ];
           };
 
@@ -161,15 +178,21 @@
             default = scripts;
           };
 
+          # The default CUDA shell is the wheels' on both systems; why, and what each shell downloads
+          # and builds: playbooks/pytorch-fine-tune/README.md.
           devShells =
             rec {
               pytorch-fine-tune = shellFor gpu;
               pytorch-fine-tune-cpu = shellFor cpu;
-              # Narrow builds for one GPU: smaller, but built locally (see the README).
+              # nixpkgs' CUDA, narrowed to one GPU: smaller, but built locally (see the README).
               pytorch-fine-tune-h100 = shellFor (pkgsFor system { preset = "h100"; });
               llama-factory = llamaFactoryShellFor gpu;
               llama-factory-cpu = llamaFactoryShellFor cpu;
               default = pytorch-fine-tune;
+            }
+            // lib.optionalAttrs (system == "x86_64-linux") {
+              # nixpkgs' CUDA 12.9 (cache.nixos-cuda.org), for drivers older than CUDA 13's 580.
+              pytorch-fine-tune-cuda12 = shellFor (pkgsFor system { });
             }
             // lib.optionalAttrs (system == "aarch64-linux") {
               pytorch-fine-tune-spark = shellFor (pkgsFor system { preset = "spark"; });
@@ -223,6 +246,8 @@
     in
     {
       overlays.default = import ./overlays/default.nix;
+      # After overlays.default, with cuda.nixpkgsConfig { wheels = true; }: see the file.
+      overlays.cuda-wheels = import ./overlays/cuda-wheels.nix;
 
       packages = lib.mapAttrs (_: s: s.packages) perSystem;
       devShells = lib.mapAttrs (_: s: s.devShells) perSystem;

@@ -8,12 +8,15 @@
 #
 # Adds:
 #   python3.pkgs.llm-finetune and the package fixes     (./python.nix)
-#   a CUDA version check                                (./cuda.nix)
+#   a CUDA version check and llm-finetune-cuda          (./cuda.nix)
 #   llm-finetune-python     python3 with llm-finetune, its dependencies and its test extra
 #   llm-finetune-scripts    the playbook scripts and shipped data, as store paths;
 #                           passthru.playbooks = ../playbooks/pytorch-fine-tune/scripts.nix with
 #                           `name` and `path` (the script's store path) added
 #   llm-finetune-tiny-model a tiny Llama model and tokenizer, made offline by finetune.tiny
+#
+# CUDA from PyPI's wheels (torch, triton, bitsandbytes, NVIDIA's libraries) is a second overlay,
+# overlays.cuda-wheels (./cuda-wheels.nix), applied after this one.
 final: prev:
 let
   # prev.lib: the composition below decides which attributes this overlay defines, so it must

@@ -8,7 +8,8 @@
 # pkgs/development/python-modules/<name>/default.nix): torch 2.13.0, transformers 5.5.4, trl 0.25.1,
 # peft 0.18.0, accelerate 1.12.0, datasets 5.1.0, bitsandbytes 0.48.2, huggingface-hub 1.28.0,
 # tokenizers 0.23.2, safetensors 0.8.0, tensorboard 2.21.0, pyyaml 6.0.3. constraints.txt lists the
-# versions this overlay delivers.
+# versions this overlay delivers. tests/nix/nixpkgs-stub models that set, with nixpkgs' build-time
+# checks (runtime dependencies against each release's Requires-Dist), for tests/test_flake.py.
 final: prev:
 let
   inherit (final) lib;
@@ -27,6 +28,48 @@ let
     else
       lib.toLower (builtins.replaceStrings [ "_" "." ] [ "-" "-" ] (builtins.head m));
 
+  # pythonRelaxDeps is a list of names, or `true` for all of them (nixpkgs allows both): change the
+  # list without turning a `true` into a type error.
+  relaxDeps =
+    old: change:
+    let
+      current = old.pythonRelaxDeps or [ ];
+    in
+    if current == true then true else change current;
+
+  # hf-xet from PyPI's manylinux wheels (Rust inside, statically linked but for glibc and libgcc_s).
+  # Only used where nixpkgs' own hf-xet is older than huggingface-hub asks for: building a newer one
+  # from source would need a cargo vendor hash, which only a Nix build with network can compute.
+  # Hashes: sha256 of each wheel as published on PyPI; recompute with
+  #   pip download --no-deps --only-binary=:all: --python-version 3.14 --implementation cp \
+  #     --platform manylinux_2_17_x86_64 (or manylinux_2_28_aarch64) hf-xet==1.8.0
+  #   nix hash file --type sha256 --sri hf_xet-1.8.0-*.whl
+  hfXetWheels = {
+    x86_64-linux = {
+      url = "https://files.pythonhosted.org/packages/f8/1e/1e8ecc05ef034e9a95c18ed32d2ec07905a7cd2ca611a9d88e25ee1f4850/hf_xet-1.8.0-cp38-abi3-manylinux2014_x86_64.manylinux_2_17_x86_64.whl";
+      hash = "sha256-Kdq3yQTNGRSgQ5xuEwbBLHSXyL0yKQ++Vj6/UcpLbW0=";
+    };
+    aarch64-linux = {
+      url = "https://files.pythonhosted.org/packages/35/c4/127a1548df019ea4c80f06e685f263e146075143335a02e78a3c41dbc4eb/hf_xet-1.8.0-cp38-abi3-manylinux_2_28_aarch64.whl";
+      hash = "sha256-iADjREdw8sYws2G8bVxuu3cLeDBkbPYy+7edDlu8nn8=";
+    };
+  };
+
+  # The packages that depend on huggingface-hub and so are rebuilt on the user's machine once it is
+  # overridden (they are no longer the ones the binary caches hold). Their test suites would run
+  # there too: accelerate's whole `tests` directory, for one, slow and occasionally flaky, so that
+  # one upstream test could break `nix develop`. They are nixpkgs' packages, tested by nixpkgs;
+  # doCheck = false skips only the test suites: pythonImportsCheck and the runtime-dependency check
+  # are not part of the check phase and still run.
+  rebuiltByTheHub = [
+    "tokenizers"
+    "transformers"
+    "datasets"
+    "accelerate"
+    "peft"
+    "trl"
+  ];
+
   fixes = pyfinal: pyprev: {
     # datasets 5.1.0 requires huggingface-hub >= 1.31; nixpkgs has 1.28.0, with which
     # `import datasets` fails (cannot import name 'httpx' from 'huggingface_hub.utils') and so does
@@ -40,19 +83,44 @@ let
         inherit version;
         hash = "sha256-+OnnEKIQYT+l0PJrum2gXvSu+fuloPI/UI9axNCLb5A=";
       };
-      # nixpkgs already relaxes click; 1.31 also asks for hf-xet >= 1.5.2, which only matters for
-      # downloads from Xet-backed repositories.
-      pythonRelaxDeps = (old.pythonRelaxDeps or [ ]) ++ [ "hf-xet" ];
+      # nixpkgs relaxes click. Not hf-xet: 1.31 needs hf-xet >= 1.5.2 to download from Xet-backed
+      # repositories (Llama's included), so the bound is met below instead of hidden.
+      pythonRelaxDeps = relaxDeps old (lib.remove "hf-xet");
       meta = old.meta // {
         changelog = "https://github.com/huggingface/huggingface_hub/releases/tag/v${version}";
       };
     });
 
+    # huggingface-hub 1.31 requires hf-xet >= 1.5.2, < 2 (its Requires-Dist on x86_64 and aarch64).
+    hf-xet =
+      if lib.versionAtLeast pyprev.hf-xet.version "1.5.2" then
+        pyprev.hf-xet
+      else
+        pyfinal.buildPythonPackage {
+          pname = "hf-xet";
+          version = "1.8.0";
+          format = "wheel";
+          src = final.fetchurl (
+            hfXetWheels.${final.stdenv.hostPlatform.system}
+              or (throw "hf-xet: no wheel for ${final.stdenv.hostPlatform.system}")
+          );
+          nativeBuildInputs = [ final.autoPatchelfHook ];
+          buildInputs = [ (lib.getLib final.stdenv.cc.cc) ];
+          pythonImportsCheck = [ "hf_xet" ];
+          meta = {
+            description = "Xet client tech, used in huggingface_hub (PyPI wheel)";
+            homepage = "https://github.com/huggingface/xet-core";
+            license = lib.licenses.asl20;
+            sourceProvenance = [ lib.sourceTypes.binaryNativeCode ];
+            platforms = builtins.attrNames hfXetWheels;
+          };
+        };
+
     # transformers 5.5.4 declares tokenizers <= 0.23.0; nixpkgs has tokenizers 0.23.2 (a patch
     # release of the same API). Rebuilding tokenizers at 0.23.0 would need a new cargo vendor hash,
     # so relax the bound instead, as nixpkgs does for such caps.
     transformers = pyprev.transformers.overridePythonAttrs (old: {
-      pythonRelaxDeps = (old.pythonRelaxDeps or [ ]) ++ [ "tokenizers" ];
+      pythonRelaxDeps = relaxDeps old (names: names ++ [ "tokenizers" ]);
     });
 
     # With transformers 5.5, nixpkgs' trl 0.25.1 cannot import DPOTrainer (transformers 5 returns a
@@ -85,7 +153,9 @@ let
     bitsandbytes =
       let
         inherit (pyprev) bitsandbytes;
-        narrowed = (final.config.cudaCapabilities or null) != null;
+        # nixpkgs' config.cudaCapabilities is an option whose default is [ ] ("use the CUDA
+        # release's default list"), never null or absent.
+        narrowed = (final.config.cudaCapabilities or [ ]) != [ ];
         architectures = bitsandbytes.cudaPackages.flags.cmakeCudaArchitecturesString;
       in
       if (bitsandbytes.cudaSupport or false) && narrowed then
@@ -137,5 +207,12 @@ let
   };
 in
 {
-  pythonPackagesExtensions = prev.pythonPackagesExtensions ++ [ fixes ];
+  pythonPackagesExtensions = prev.pythonPackagesExtensions ++ [
+    fixes
+    # After `fixes`, so that it also covers the packages `fixes` changes (transformers, trl).
+    (
+      pyfinal: pyprev:
+      lib.genAttrs rebuiltByTheHub (name: pyprev.${name}.overridePythonAttrs { doCheck = false; })
+    )
+  ];
 }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -55,6 +56,26 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def odd_width_model(tiny_model, tmp_path_factory) -> Path:
+    """The tiny model's tokenizer on a Llama whose MLP is 176 wide: shapes that kernels built around blocks of
+    32 (bitsandbytes' packed CPU path, GGUF's q8_0) cannot take whole."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("odd") / "model"
+    config = AutoConfig.from_pretrained(tiny_model)
+    config.intermediate_size = 176
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        LlamaForCausalLM(config).save_pretrained(out)
+    for file in tiny_model.glob("*token*"):
+        shutil.copy(file, out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def run_script(tmp_path_factory):
     """Run a playbook script as a user would: `python scripts/<name>.py ...`, offline, from another directory."""
     home = tmp_path_factory.mktemp("home")
@@ -75,6 +96,13 @@ def run_script(tmp_path_factory):
         return result
 
     return run
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, for torchrun's rendezvous: a fixed one collides with a concurrent run."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def read_metrics(output_dir: Path) -> dict:

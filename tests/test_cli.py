@@ -9,7 +9,7 @@ import llama3_3b_full
 import llama3_8b_lora
 import llama3_70b_qlora
 import pytest
-from conftest import DATA, FAST, SCRIPTS, offline_env, read_metrics
+from conftest import DATA, FAST, SCRIPTS, free_port, offline_env, read_metrics
 from finetune.config import flag_fields, parse_config
 from finetune.playbook import main
 
@@ -79,7 +79,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(capsys, tiny_model, tmp_path
     )  # fmt: skip
     plan = capsys.readouterr().out
     for text in (
-        "223,552 total",
+        "557,696 total",
         "trainable",
         "training examples",
         "optimizer steps",
@@ -94,7 +94,7 @@ def test_torchrun_two_processes_on_cpu(tiny_model, tmp_path):
     out = tmp_path / "ddp"
     result = subprocess.run(
         [
-            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
             str(SCRIPTS / "llama3_8b_lora.py"), "--model_name", str(tiny_model), "--dataset", str(DATA / "alpaca.jsonl"),
             "--output_dir", str(out), "--max_steps", "4", "--eval_split", "0.2", *FAST,
         ],

@@ -136,8 +136,18 @@ def test_gguf_is_written_and_reads_back(merged, tmp_path, outtype):
     assert types["blk.0.attn_norm.weight"] == "F32"
     expected = {"f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}[outtype]
     assert types["blk.0.attn_q.weight"] == expected
-    # 176-wide rows are not whole 32-value blocks: q8_0 keeps them in f16, as llama.cpp does.
-    assert types["blk.0.ffn_down.weight"] == ("F16" if outtype == "q8_0" else expected)
+    assert types["blk.0.ffn_down.weight"] == expected
+
+
+def test_gguf_q8_0_keeps_rows_that_are_not_whole_blocks_in_f16(odd_width_model, tmp_path):
+    import gguf
+
+    target = tmp_path / "odd.gguf"
+    export.to_gguf(str(odd_width_model), str(target), outtype="q8_0")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(target)).tensors}
+    # ffn_down's rows are 176 wide, not whole 32-value blocks: q8_0 keeps them in f16, as llama.cpp does.
+    assert types["blk.0.ffn_down.weight"] == "F16"
+    assert types["blk.0.ffn_up.weight"] == types["blk.0.attn_q.weight"] == "Q8_0"
 
 
 def test_gguf_refuses_an_adapter_and_an_existing_file(capsys, lora_run, merged, tmp_path):

@@ -3,7 +3,7 @@ in headless Chromium), and a LLaMA-Factory adapter going through our export.py a
 
 LLaMA-Factory 0.9.5 pins older datasets/accelerate/trl than this project, so it runs from a venv of its own,
 `.venv-llama-factory` (git-ignored), made on first use from playbooks/llama-factory/constraints.txt and its
-data/ and examples/ from the release's sdist (sha256-checked). It is reused while that file is unchanged.
+data/ and examples/ from the release's sdist (sha256-checked). It is reused while the pins in that file are unchanged.
 Without network access to make it, the tests skip with one line (LLM_FINETUNE_REQUIRE_LLAMA_FACTORY=1 makes
 that a failure, for CI). Our own scripts run in the interpreter running the tests.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -41,19 +42,8 @@ SDIST_SHA256 = "1702c0bfb864e80577a59521d2edcacd2aab05ec6aee06188fcba335a589681f
 # Bump when _create_venv changes what it makes, so that existing venvs are made again.
 VENV_LAYOUT = 1
 
-# Stands in for torchaudio, which this venv leaves out (see constraints.txt). LLaMA-Factory imports it at
-# module level for audio inputs only; using it raises an ImportError that says why. Dunder look-ups raise
-# AttributeError, so probes like `getattr(module, "__version__", None)` see an absent attribute.
-TORCHAUDIO_PLACEHOLDER = '''"""Placeholder: torchaudio is not installed in this venv (PyPI's x86_64 builds need a CUDA torch)."""
-
-
-def __getattr__(name):
-    if name.startswith("__"):
-        raise AttributeError(name)
-    raise ImportError(
-        f"torchaudio.{name}: torchaudio is not installed in .venv-llama-factory, so audio inputs are unsupported"
-    )
-'''
+# Stands in for torchaudio, which this venv leaves out (see constraints.txt); the CUDA Nix shell uses it too.
+TORCHAUDIO_PLACEHOLDER = PLAYBOOK / "no_torchaudio.py"
 
 # NVIDIA's DGX Spark playbook commands, as written, and the key=value overrides that put them on the tiny
 # model on the CPU: the same file the flake's smoke checks read.
@@ -72,26 +62,30 @@ def _run(cmd: list, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kwargs)
 
 
+def _load_dev():
+    """The repository's dev.py (it is no package), for its venv helpers."""
+    spec = importlib.util.spec_from_file_location("dev", ROOT / "dev.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+dev = _load_dev()
+PYTHON = dev.env_python(VENV)
+
+
 def _create_venv(stamp: str) -> None:
-    """The venv, LLaMA-Factory's data/ and examples/, and a stamp naming the constraints they came from."""
+    """The venv, LLaMA-Factory's data/ and examples/, and a stamp naming the pins they came from."""
     shutil.rmtree(VENV, ignore_errors=True)
     # --no-compile: byte-compiling every installed module took longer than the install itself; Python
     # compiles the modules a run imports on first use.
-    pip = [
-        VENV / "bin" / "python",
-        "-m",
-        "pip",
-        "install",
-        "-q",
-        "--disable-pip-version-check",
-        "--no-compile",
-    ]
+    pip = [PYTHON, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-compile"]
     steps = [
         [sys.executable, "-m", "venv", VENV],
-        # torch first, so that nothing pulls a CUDA build; then exactly the listed versions.
-        [*pip, "torch==2.13.0"],
+        # torch first, as dev.py does, so that nothing pulls a CUDA build; then exactly the listed versions.
+        [*pip, f"torch=={dev.pinned_versions(CONSTRAINTS)['torch']}"],
         [*pip, "--no-deps", "-r", CONSTRAINTS],
-        [VENV / "bin" / "python", "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+        [PYTHON, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
          "-d", VENV / "sdist", f"llamafactory=={VERSION}"],
     ]  # fmt: skip
     for step in steps:
@@ -113,23 +107,28 @@ def _create_venv(stamp: str) -> None:
             member.name = member.name[len(top) :]
         archive.extractall(share, members=members, filter="data")
 
-    purelib = _run(
-        [VENV / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]
-    )
-    placeholder = Path(purelib.stdout.strip()) / "torchaudio" / "__init__.py"
-    placeholder.parent.mkdir()
-    placeholder.write_text(TORCHAUDIO_PLACEHOLDER)
     (VENV / "constraints.sha256").write_text(stamp)
+
+
+def _install_torchaudio_placeholder() -> None:
+    """As torchaudio/__init__.py, refreshed on every run (the file may change while the venv stays)."""
+    purelib = _run([PYTHON, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], check=True)
+    placeholder = Path(purelib.stdout.strip()) / "torchaudio" / "__init__.py"
+    placeholder.parent.mkdir(exist_ok=True)
+    shutil.copyfile(TORCHAUDIO_PLACEHOLDER, placeholder)
 
 
 @pytest.fixture(scope="session")
 def lf_venv() -> Path:
-    stamp = f"{_sha256(CONSTRAINTS)} {SDIST_SHA256} {VENV_LAYOUT}\n"
+    # The pins, not the file: a comment edit keeps the venv.
+    pins = json.dumps(dev.pinned_versions(CONSTRAINTS), sort_keys=True).encode()
+    stamp = f"{hashlib.sha256(pins).hexdigest()} {SDIST_SHA256} {VENV_LAYOUT}\n"
     stamp_file = VENV / "constraints.sha256"
     if not (stamp_file.is_file() and stamp_file.read_text() == stamp):
         started = time.monotonic()
         _create_venv(stamp)
         print(f"\n{VENV.name} created in {time.monotonic() - started:.0f} s")
+    _install_torchaudio_placeholder()
     return VENV
 
 

@@ -105,3 +105,40 @@ def test_prequantized_model_is_used_as_is(tiny_model, run_script, tmp_path, caps
             defaults=llama3_3b_full.DEFAULTS,
         )
     assert exit_info.value.code == 2 and "use the QLoRA playbook" in capsys.readouterr().err
+
+
+@pytest.mark.smoke
+def test_qlora_trains_and_evaluates_a_model_whose_shapes_the_packed_cpu_kernel_refuses(
+    odd_width_model, run_script, tmp_path
+):
+    """bitsandbytes' packed CPU kernel (>= 0.49) needs out_features % 32 == 0 and in_features % 64 == 0 when a
+    4-bit layer first runs in inference mode; a model with a 176-wide MLP trains, evaluates and saves all the same.
+    """
+    out = tmp_path / "run"
+    run_script(
+        "llama3_70b_qlora.py",
+        "--model_name", odd_width_model, "--dataset", DATA / "alpaca.jsonl", "--output_dir", out,
+        "--max_steps", "4", "--eval_split", "0.2", *FAST,
+        check=True,
+    )  # fmt: skip
+    assert read_metrics(out)["eval_loss"] > 0
+    assert (out / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_layers_the_packed_cpu_kernel_refuses_run_on_the_generic_one(odd_width_model):
+    from finetune.config import TrainConfig
+    from finetune.model import load_base, placement
+
+    cfg = TrainConfig(model_name=str(odd_width_model), output_dir="unused", method="qlora")
+    model = load_base(cfg, AutoModelForCausalLM.from_pretrained(odd_width_model).config, placement(cfg))
+    layers = {n: m for n, m in model.named_modules() if hasattr(m, "support_avx512bf16_for_cpu")}
+    if not layers:
+        pytest.skip("this bitsandbytes has no packed 4-bit CPU kernel")
+    from bitsandbytes.functional import has_avx512bf16
+
+    assert layers["model.layers.0.mlp.up_proj"].support_avx512bf16_for_cpu is False  # 176 outputs
+    assert layers["model.layers.0.mlp.down_proj"].support_avx512bf16_for_cpu is False  # 176 inputs
+    assert layers["model.layers.0.self_attn.q_proj"].support_avx512bf16_for_cpu == has_avx512bf16()  # 128
+    model.eval()
+    with torch.no_grad():  # inference mode: where the packed kernel would assert
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()

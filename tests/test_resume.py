@@ -37,7 +37,6 @@ def reference(tiny_model, tmp_path_factory):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_interrupted_run_resumes_to_the_same_result(tiny_model, reference, tmp_path, sig):
-
     out = tmp_path / "interrupted"
     with (tmp_path / "stderr.txt").open("w") as stderr:  # a file, not a pipe: progress bars could fill a pipe
         process = subprocess.Popen(

@@ -1,24 +1,35 @@
 # LLaMA-Factory 0.9.5 in a Python set of its own, at LLaMA-Factory's pins. Evaluates to
-# { python, source, version }: the Python environment with llamafactory-cli, and the release source.
+# { python, source, version, llamafactory }: the Python environment with llamafactory-cli, the
+# release source, and the package.
 #
 # LLaMA-Factory pins (its pyproject.toml at v0.9.5): transformers<=5.6.0, datasets<=4.0.0,
 # accelerate<=1.11.0, peft<=0.18.1, trl<=0.24.0, gradio<=5.50.0, tyro<0.9.0, torchdata<=0.11.0,
 # av<=16.0.0. This project's own set (overlays/python.nix) has newer datasets, accelerate and trl,
 # and trl 0.29 moved names LLaMA-Factory imports, so it gets a set of its own: `python3.override`
-# with the packages below replaced. Everything else, torch, torchvision, torchaudio and bitsandbytes
-# included, is the very derivation the pytorch-fine-tune shell uses (overlays/python.nix applies to
-# every Python set), so nothing compiled is rebuilt: the replacements are pure Python.
+# with the packages below replaced. Everything else is the very derivation the pytorch-fine-tune
+# shell uses, since overlays.default and overlays.cuda-wheels extend every Python set
+# (pythonPackagesExtensions, applied before packageOverrides): torch and bitsandbytes are PyPI's
+# CUDA wheels in the CUDA shell and nixpkgs' CPU builds in the CPU one. The replacements are pure
+# Python, so nothing compiled is rebuilt.
+#
+# torchvision and torchaudio: nixpkgs builds them against torch, compiling CUDA code with nvcc when
+# torch has CUDA (the wheel torch has no nixpkgs CUDA toolkit to give them), so with a CUDA torch
+# they are left out. LLaMA-Factory needs neither for text models; it imports torchaudio at module
+# level (data/mm_plugin.py) to read audio inputs only, so that import gets ./no_torchaudio.py, a
+# placeholder whose use raises an ImportError saying why. With the CPU torch they are nixpkgs' cached builds.
 #
 # Hashes: fetchPypi ones are the sha256 of the files PyPI publishes (`pip download --no-deps
 # --no-binary :all: NAME==VERSION`, or `--only-binary :all:` for the wheels, then
 # `nix hash file --type sha256 --sri FILE`); the LLaMA-Factory source's is `nix hash path` of
 # `git archive v0.9.5` of github.com/hiyouga/LLaMA-Factory, unpacked (what fetchFromGitHub unpacks).
 {
+  lib,
   python3,
   fetchFromGitHub,
 }:
 let
   version = "0.9.5";
+
 
   # The release's source: the package, and the data/ and examples/ NVIDIA's commands read.
   source = fetchFromGitHub {
@@ -206,68 +217,92 @@ let
       description = "Web UIs for machine learning models";
     };
 
-    llamafactory = pyfinal.buildPythonPackage {
-      pname = "llamafactory";
-      inherit version;
-      pyproject = true;
-      src = source;
+    llamafactory =
+      let
+        # nixpkgs' torchvision and torchaudio would compile CUDA code against a CUDA torch (see above).
+        withVisionAudio = !(pyfinal.torch.cudaSupport or false);
+        leftOut = [
+          "torchvision"
+          "torchaudio"
+        ];
+      in
+      pyfinal.buildPythonPackage {
+        pname = "llamafactory";
+        inherit version;
+        pyproject = true;
+        src = source;
 
-      build-system = [ pyfinal.hatchling ];
+        build-system = [ pyfinal.hatchling ];
 
-      # LLaMA-Factory's `dependencies`, in its order.
-      dependencies = with pyfinal; [
-        torch
-        torchvision
-        torchaudio
-        transformers
-        datasets
-        accelerate
-        peft
-        trl
-        torchdata
-        gradio
-        matplotlib
-        tyro
-        einops
-        numpy
-        pandas
-        scipy
-        sentencepiece
-        tiktoken
-        modelscope
-        hf-transfer
-        safetensors
-        av
-        fire
-        omegaconf
-        packaging
-        protobuf
-        pyyaml
-        pydantic
-        uvicorn
-        fastapi
-        sse-starlette
-      ];
+        # LLaMA-Factory's `dependencies`, in its order (torchvision and torchaudio, its second and
+        # third, last).
+        dependencies =
+          with pyfinal;
+          [
+            torch
+            transformers
+            datasets
+            accelerate
+            peft
+            trl
+            torchdata
+            gradio
+            matplotlib
+            tyro
+            einops
+            numpy
+            pandas
+            scipy
+            sentencepiece
+            tiktoken
+            modelscope
+            hf-transfer
+            safetensors
+            av
+            fire
+            omegaconf
+            packaging
+            protobuf
+            pyyaml
+            pydantic
+            uvicorn
+            fastapi
+            sse-starlette
+          ]
+          ++ lib.optionals withVisionAudio [
+            torchvision
+            torchaudio
+          ];
 
-      # av (PyAV, video inputs only) is compiled against ffmpeg; a release at LLaMA-Factory's cap
-      # (<=16.0.0) would be built from source, so nixpkgs' newer one is used.
-      pythonRelaxDeps = [ "av" ];
+        # av (PyAV, video inputs only) is compiled against ffmpeg; a release at LLaMA-Factory's cap
+        # (<=16.0.0) would be built from source, so nixpkgs' newer one is used.
+        pythonRelaxDeps = [ "av" ];
+        pythonRemoveDeps = lib.optionals (!withVisionAudio) leftOut;
 
-      pythonImportsCheck = [
-        "llamafactory"
-        "llamafactory.train.tuner"
-        "llamafactory.webui.interface"
-      ];
+        postPatch = lib.optionalString (!withVisionAudio) ''
+          cp ${./no_torchaudio.py} src/llamafactory/data/no_torchaudio.py
+          substituteInPlace src/llamafactory/data/mm_plugin.py \
+            --replace-fail "import torchaudio" "from . import no_torchaudio as torchaudio"
+        '';
 
-      passthru = { inherit source; };
+        pythonImportsCheck = [
+          "llamafactory"
+          "llamafactory.train.tuner"
+          "llamafactory.webui.interface"
+        ];
 
-      meta = {
-        description = "Unified efficient fine-tuning of 100+ LLMs (LLaMA-Factory)";
-        homepage = "https://github.com/hiyouga/LLaMA-Factory";
-        changelog = "https://github.com/hiyouga/LLaMA-Factory/releases/tag/v${version}";
-        mainProgram = "llamafactory-cli";
+        passthru = {
+          inherit source;
+          withoutPackages = lib.optionals (!withVisionAudio) leftOut;
+        };
+
+        meta = {
+          description = "Unified efficient fine-tuning of 100+ LLMs (LLaMA-Factory)";
+          homepage = "https://github.com/hiyouga/LLaMA-Factory";
+          changelog = "https://github.com/hiyouga/LLaMA-Factory/releases/tag/v${version}";
+          mainProgram = "llamafactory-cli";
+        };
       };
-    };
   };
 
   python = python3.override {
@@ -277,6 +312,7 @@ let
 in
 {
   inherit source version;
+  inherit (python.pkgs) llamafactory;
   # llamafactory-cli (and lmf), with bitsandbytes for `quantization_bit` (QLoRA).
   python = python.withPackages (ps: [
     ps.llamafactory

@@ -1,22 +1,19 @@
 # The pytorch-fine-tune devShell. Called with callPackage from a nixpkgs instance that has
-# overlays.default; CUDA or CPU follows that instance's `config.cudaSupport`.
+# overlays.default (and, for CUDA from PyPI's wheels, overlays.cuda-wheels); CUDA or CPU follows
+# that instance's `llm-finetune-cuda` (null: CPU).
 #
-#   nix develop .#pytorch-fine-tune        CUDA (default capabilities, binary cache)
-#   nix develop .#pytorch-fine-tune-cpu    same scripts and Python packages, no CUDA
+#   nix develop .#pytorch-fine-tune           CUDA 13 from PyPI's wheels (nothing compiled)
+#   nix develop .#pytorch-fine-tune-cuda12    x86_64-linux: nixpkgs' CUDA 12.9 (binary cache)
+#   nix develop .#pytorch-fine-tune-cpu       same scripts and Python packages, no CUDA
 {
   lib,
   mkShell,
-  config,
-  cudaPackages,
   llm-finetune-python,
   llm-finetune-scripts,
-  cudaSupport ? config.cudaSupport or false,
+  llm-finetune-cuda ? null,
 }:
 let
   inherit (llm-finetune-scripts) playbooks;
-
-  # Triton's bundled ptxas predates sm_121a (DGX Spark); use the CUDA toolkit's own.
-  ptxas = lib.getExe' cudaPackages.cuda_nvcc "ptxas";
 
   scriptVariables = lib.mapAttrs' (
     _: playbook: lib.nameValuePair playbook.envVar playbook.path
@@ -26,11 +23,18 @@ let
     playbook: "    python \$${playbook.envVar}   # ${playbook.summary}"
   ) (lib.attrValues playbooks);
 
-  flavour = if cudaSupport then "CUDA ${cudaPackages.cudaMajorMinorVersion}" else "CPU only";
+  cuda = llm-finetune-cuda;
+  cudaSupport = cuda != null;
+
+  flavour = if cudaSupport then cuda.description else "CPU only";
+
+  driver = lib.optionalString cudaSupport ''
+    Needs an NVIDIA driver ${cuda.driver}; `nvidia-smi` shows yours.
+  '';
 
   help = ''
     pytorch-fine-tune (${flavour})
-
+    ${driver}
     Run a playbook (add --help for the options):
     ${commands}
       e.g. python $LLAMA3_8B_LORA_SCRIPT --dataset data.jsonl --output_dir runs/8b-lora
@@ -58,14 +62,15 @@ mkShell (
       '';
 
     passthru = {
-      inherit playbooks;
+      inherit playbooks cuda;
       python = llm-finetune-python;
     };
   }
+  # No TRITON_PTXAS_PATH / TRITON_PTXAS_BLACKWELL_PATH. nixpkgs' triton (cuda12, h100, spark) is
+  # built from source, bundles no ptxas, and is patched (0004-nvidia-allow-static-ptxas-path.patch)
+  # to add its CUDA toolkit's ptxas (`nixpkgsExtraBinaryPaths`: cuda_nvcc 12.9, which knows sm_121a)
+  # to every binary it looks up, the Blackwell ptxas included. The wheel triton (the default shell)
+  # bundles the ptxas PyTorch pairs it with. Setting them could only point Triton at a different
+  # CUDA than its own.
   // scriptVariables
-  // lib.optionalAttrs cudaSupport {
-    TRITON_PTXAS_PATH = ptxas;
-    # Triton >= 3.5 uses a separate ptxas for Blackwell (sm_100 and up) when this is set.
-    TRITON_PTXAS_BLACKWELL_PATH = ptxas;
-  }
 )

@@ -6,6 +6,10 @@
 # first on LD_LIBRARY_PATH, so no other host library (glibc, libstdc++) gets mixed in. This is what
 # nix-gl-host does; nixpkgs does not package nix-gl-host at the pinned revision.
 #
+# Triton compiles a small launcher against libcuda.so.1 at run time and finds it with
+# `/sbin/ldconfig -p`, which NixOS does not have: TRITON_LIBCUDA_PATH names the directory instead
+# (unless already set).
+#
 # Settings (environment variables):
 #   LLM_FINETUNE_NO_HOST_DRIVER=1     do nothing
 #   LLM_FINETUNE_DRIVER_SEARCH_PATH   colon-separated directories to look for libcuda.so.1 in
@@ -18,7 +22,11 @@ llm_finetune_host_driver() {
   local dir found="" lib
   local -a dirs
 
-  if [ -n "${LLM_FINETUNE_NO_HOST_DRIVER:-}" ] || [ -e "$nixos_dir/libcuda.so.1" ]; then
+  if [ -n "${LLM_FINETUNE_NO_HOST_DRIVER:-}" ]; then
+    return 0
+  fi
+  if [ -e "$nixos_dir/libcuda.so.1" ]; then
+    export TRITON_LIBCUDA_PATH="${TRITON_LIBCUDA_PATH:-$nixos_dir}"
     return 0
   fi
   IFS=: read -r -a dirs <<<"$search"
@@ -38,12 +46,14 @@ llm_finetune_host_driver() {
     return 0
   fi
   find "$link_dir" -maxdepth 1 -type l -delete
-  for lib in "$found"/libcuda.so* "$found"/libcudadebugger.so* "$found"/libnvidia-*.so* "$found"/libnvcuvid.so*; do
+  # libdxcore: WSL's libcuda (in /usr/lib/wsl/lib) talks to the Windows driver through it.
+  for lib in "$found"/libcuda.so* "$found"/libcudadebugger.so* "$found"/libnvidia-*.so* "$found"/libnvcuvid.so* "$found"/libdxcore.so*; do
     if [ -e "$lib" ]; then
       ln -sf "$lib" "$link_dir/"
     fi
   done
   export LLM_FINETUNE_HOST_DRIVER_DIR="$found"
+  export TRITON_LIBCUDA_PATH="${TRITON_LIBCUDA_PATH:-$link_dir}"
   export LD_LIBRARY_PATH="$link_dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   return 0
 }

@@ -9,6 +9,7 @@
 #                 directory, on the CPU, offline. @script@ is this script, @scripts@ the scripts
 #                 directory, @model@ the tiny model, @data@ the shipped sample data (tests/data)
 #     expects     files (relative to that directory) a successful smoke check leaves behind
+#     cpuOnly     (optional) its `nix run` app uses the CPU Python: no GPU, nothing CUDA to fetch
 #   };
 let
   # A few steps of a training script on `model`, into the directory `out`.
@@ -35,6 +36,26 @@ let
   sft = train "@scripts@/llama3_8b_lora.py" "@model@" "alpaca.jsonl" "sft";
 in
 {
+  demo = {
+    file = "demo.py";
+    envVar = "DEMO_SCRIPT";
+    summary = "a one-minute offline proof: the tiny model trained by each playbook script";
+    cpuOnly = true;
+    smoke = [
+      [
+        "@script@"
+        "--workdir"
+        "demo"
+        "--steps"
+        "2"
+      ]
+    ];
+    expects = [
+      "demo/llama3_8b_lora/final/adapter_model.safetensors"
+      "demo/llama3_3b_full/final/model.safetensors"
+      "demo/llama3_70b_qlora/final/adapter_model.safetensors"
+    ];
+  };
   llama3-8b-lora = {
     file = "llama3_8b_lora.py";
     envVar = "LLAMA3_8B_LORA_SCRIPT";

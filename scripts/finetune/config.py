@@ -7,7 +7,9 @@ A playbook script only changes defaults. Precedence: playbook defaults < `--conf
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import difflib
 import math
 import re
 import types
@@ -22,6 +24,9 @@ DEFAULT_DATASET_ROWS = 512
 DATASET_FORMATS = ("auto", "alpaca", "sharegpt", "messages", "text")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 METHODS = ("lora", "qlora", "full")
+EVAL_STRATEGIES = ("auto", "steps", "epoch", "no")
+# Keys a YAML file may set that are not flags: the method (a playbook script's choice) and what to do after training.
+YAML_ONLY_KEYS = ("method", "export")
 
 
 def option(help: str, **kwargs):
@@ -102,14 +107,42 @@ class TrainConfig:
     logging_steps: int = option("log the training loss every N steps", default=10)
     log_dir: str = option("TensorBoard directory (default: OUTPUT_DIR/logs)", default="")
 
+    # Evaluation during training (see evaluation.py)
+    eval_strategy: str = option(
+        "when to evaluate while training: steps (every --eval_steps), epoch, or no (once, at the end); "
+        "auto = steps when --eval_steps is given, else no",
+        default="auto",
+    )
+    eval_steps: int | None = option("evaluate every N optimizer steps", default=None)
+    load_best_model_at_end: bool = option(
+        "final/ holds the model with the lowest eval loss seen, not the last one", default=False
+    )
+    early_stopping_patience: int | None = option(
+        "stop after K evaluations in a row without a lower eval loss", default=None
+    )
+
     # Control
-    config: str = option("YAML file with any of these keys; flags given on the command line win", default="")
+    config: str = option(
+        "YAML file with any of these keys, or with named strategies (see --strategy); flags given on the command "
+        "line win",
+        default="",
+    )
+    strategy: str = option(
+        "run the named strategy of --config (default file: the shipped strategies.yaml); flags given on the "
+        "command line win",
+        default="",
+    )
     dry_run: bool = option(
         "load config, tokenizer and data, print the plan, and exit without training", default=False
     )
     force: bool = option(
         "train even when the memory estimate says the run will not fit in the available memory", default=False
     )
+
+    # From a YAML file only: what to export after training ({merge, gguf, ollama, ...}; see strategies.py), and
+    # the strategy that was read (name, file, description, hardware), for the plan and metrics.json.
+    export: dict = field(default_factory=dict, metadata={"flag": False})
+    strategy_info: dict = field(default_factory=dict, metadata={"flag": False})
 
     @property
     def uses_lora(self) -> bool:
@@ -136,6 +169,15 @@ class TrainConfig:
             "save_steps",
             "save_total_limit",
             "max_steps",
+            # Evaluating, keeping the best model and stopping early change what is reported and kept, not the
+            # steps taken up to the point a resumed run continues from.
+            "eval_strategy",
+            "eval_steps",
+            "load_best_model_at_end",
+            "early_stopping_patience",
+            "strategy",
+            "export",
+            "strategy_info",
         }
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
@@ -186,37 +228,94 @@ def _build_parser(prog: str, description: str, defaults: dict, config_class: typ
     return parser
 
 
-def _read_yaml(path: str, config_class: type) -> dict:
+def load_yaml(path: str, flag: str = "--config") -> tuple[object, dict[tuple, int]]:
+    """A YAML file's contents, and the line (1-based) of every mapping key by its path of keys, so that errors
+    can say `FILE:LINE` (`("strategies", "quick-test", "batch_size") → 12`)."""
     import yaml
 
     file = Path(path).expanduser()
     if not file.is_file():
-        raise UserError(f"--config {path}: no such file")
+        raise UserError(f"{flag} {path}: no such file")
+    text = file.read_text()
     try:
-        data = yaml.safe_load(file.read_text()) or {}
+        data = yaml.safe_load(text)
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
         raise UserError(f"{path}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+
+    lines: dict[tuple, int] = {}
+
+    def walk(node, path: tuple) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode):
+                    lines.setdefault((*path, key.value), key.start_mark.line + 1)
+                    walk(value, (*path, key.value))
+
+    walk(root, ())
+    return data, lines
+
+
+def where(path: str, lines: dict[tuple, int], *keys) -> str:
+    """`FILE:LINE` of the innermost of `keys` the file spells out (a key merged from an anchor has no line)."""
+    for end in range(len(keys), 0, -1):
+        if tuple(map(str, keys[:end])) in lines:
+            return f"{path}:{lines[tuple(map(str, keys[:end]))]}"
+    return path
+
+
+def yaml_values(data: dict, config_class: type, locate) -> dict:
+    """A YAML mapping of option names → config values: every name known, every value of its field's type.
+    `locate(key)` says where the key is (`FILE:LINE`) for the error message."""
+    known = ({f.name for f in flag_fields(config_class)} - {"config", "strategy"}) | set(YAML_ONLY_KEYS)
+    types_ = _field_types(config_class)
+    defaults = {f.name: f.default for f in dataclasses.fields(config_class)}
+    for raw in data:  # every name first: a misspelt key is the likelier mistake
+        key = str(raw).replace("-", "_")
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise UserError(f"{locate(raw)}: unknown key {raw!r}{hint}; see --help for the valid names")
+    values = {}
+    for raw, value in data.items():
+        key = str(raw).replace("-", "_")
+        expected = types_[key]
+        if expected is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        # `export` is checked by strategies.check_export, which knows its keys; None leaves an optional unset.
+        if key == "export" or (value is None and defaults.get(key) is None):
+            pass
+        elif expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        elif expected is str and isinstance(value, list) and key == "target_modules":
+            value = ",".join(map(str, value))
+        elif not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            raise UserError(f"{locate(raw)}: {key} should be {expected.__name__}, got {value!r}")
+        values[key] = value
+    return values
+
+
+def _read_yaml(path: str, config_class: type) -> dict:
+    data, lines = load_yaml(path)
+    if data is None:
+        return {}
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping of option names to values")
-    known = {f.name for f in flag_fields(config_class)} - {"config"}
-    data = {str(k).replace("-", "_"): v for k, v in data.items()}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise UserError(f"{path}: unknown option(s) {', '.join(unknown)}; see --help for the valid names")
-    types_ = _field_types(config_class)
-    for key, value in data.items():
-        expected = types_[key]
-        if value is None and key in ("dataset_size",):
-            continue
-        if expected is float and isinstance(value, int) and not isinstance(value, bool):
-            data[key] = float(value)
-        elif expected is str and isinstance(value, list) and key == "target_modules":
-            data[key] = ",".join(map(str, value))
-        elif not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-            raise UserError(f"{path}: {key} should be {expected.__name__}, got {value!r}")
-    return data
+    if "strategies" in data:
+        raise UserError(
+            f"{where(path, lines, 'strategies')}: this file holds named strategies; pick one with --strategy NAME"
+        )
+    values = yaml_values(data, config_class, lambda key: where(path, lines, key))
+    if "export" in values:
+        from .strategies import check_export
+
+        values["export"] = check_export(
+            values["export"], lambda key: where(path, lines, "export", *filter(None, [key]))
+        )
+    return values
 
 
 def parse_config(
@@ -229,7 +328,11 @@ def parse_config(
     parser = _build_parser(prog, description, defaults, config_class)
     given = vars(parser.parse_args(argv))
     values = dict(defaults)
-    if given.get("config"):
+    if given.get("strategy"):
+        from .strategies import read_strategy
+
+        values.update(read_strategy(given.get("config", ""), given["strategy"], config_class))
+    elif given.get("config"):
         values.update(_read_yaml(given["config"], config_class))
     values.update(given)
     cfg = config_class(**values)
@@ -281,6 +384,41 @@ def validate(cfg: TrainConfig) -> None:
             raise bad("target_modules", "name at least one module, or all-linear")
     if not cfg.output_dir:
         raise UserError("--output_dir is required")
+    _validate_evaluation(cfg)
+
+
+def eval_strategy(cfg: TrainConfig) -> str:
+    """steps, epoch or no: --eval_strategy with auto resolved."""
+    if cfg.eval_strategy == "auto":
+        return "steps" if cfg.eval_steps is not None else "no"
+    return cfg.eval_strategy
+
+
+def _validate_evaluation(cfg: TrainConfig) -> None:
+    if cfg.eval_strategy not in EVAL_STRATEGIES:
+        raise UserError(
+            f"--eval_strategy {cfg.eval_strategy!r}: expected one of {', '.join(EVAL_STRATEGIES)}"
+        )
+    for name in ("eval_steps", "early_stopping_patience"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
+            raise UserError(f"--{name} {getattr(cfg, name)!r}: must be at least 1")
+    strategy = eval_strategy(cfg)
+    if strategy == "steps" and cfg.eval_steps is None:
+        raise UserError("--eval_strategy steps needs --eval_steps N (evaluate every N optimizer steps)")
+    if strategy != "steps" and cfg.eval_steps is not None:
+        raise UserError(f"--eval_steps {cfg.eval_steps} applies to --eval_strategy steps, not {strategy}")
+    if strategy == "no":
+        for name in ("load_best_model_at_end", "early_stopping_patience"):
+            if getattr(cfg, name):
+                raise UserError(
+                    f"--{name} needs evaluation during training: add --eval_steps N (or --eval_strategy epoch)"
+                )
+    elif cfg.eval_split == 0 and not cfg.eval_dataset:
+        asked = f"--eval_steps {cfg.eval_steps}" if strategy == "steps" else f"--eval_strategy {strategy}"
+        raise UserError(
+            f"{asked}: there is no eval data (--eval_split 0 and no --eval_dataset); hold out rows with "
+            "--eval_split 0.1 or give --eval_dataset FILE"
+        )
 
 
 def target_modules(cfg: TrainConfig) -> str | list[str]:

@@ -140,21 +140,51 @@ def check_trainable(cfg: TrainConfig, model_config) -> None:
         )
 
 
+# Where 4-bit fails without a GPU: a bitsandbytes built for CUDA only (the flake's CUDA shell) may have no
+# CPU path, the CPU shell's does.
+CPU_QLORA_HINT = (
+    "without a GPU, use a bitsandbytes with its CPU backend: `nix develop .#pytorch-fine-tune-cpu` "
+    "with Nix, `pip install bitsandbytes` otherwise"
+)
+
+
 def check_bitsandbytes(device: str) -> None:
     """QLoRA needs bitsandbytes' 4-bit kernels on this device; find out before loading gigabytes."""
+    hint = CPU_QLORA_HINT if device == "cpu" else "use a newer bitsandbytes, or the LoRA playbook"
     try:
         import bitsandbytes.functional as bnbf
     except Exception as exc:  # ImportError, or a RuntimeError from a broken native library
-        raise UserError(f"QLoRA needs bitsandbytes, which cannot be imported here ({exc})") from None
+        raise UserError(f"QLoRA needs bitsandbytes, which cannot be imported here ({exc}); {hint}") from None
     try:
         probe = torch.randn(64, 64, device=device)
         packed, state = bnbf.quantize_4bit(probe, quant_type="nf4")
         bnbf.dequantize_4bit(packed, state)
     except Exception as exc:
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(
-            f"QLoRA: bitsandbytes cannot run 4-bit quantization on {device} ({str(exc).splitlines()[0]}); "
-            "use a newer bitsandbytes, or the LoRA playbook"
+            f"QLoRA: bitsandbytes cannot run 4-bit quantization on {device} ({first_line}); {hint}"
         ) from None
+
+
+# bitsandbytes >= 0.49, on a CPU with AVX512-BF16, repacks a 4-bit weight for its fast kernel the first time the
+# layer runs in inference mode. The repacking needs out_features in whole blocks of 32 rows and in_features in whole
+# quantization blocks (64 values), and fails otherwise. Real Llama shapes always fit; a layer that does not keeps
+# the generic CPU kernel, which computes the same result.
+BNB_CPU_ROW_BLOCK = 32
+
+
+def keep_unpackable_4bit_layers_generic(model) -> list[str]:
+    """Route 4-bit layers whose shape bitsandbytes' packed CPU kernel cannot take to its generic kernel; return
+    their names. A no-op on bitsandbytes releases without that kernel."""
+    names = []
+    for name, module in model.named_modules():
+        if not getattr(module, "support_avx512bf16_for_cpu", False):
+            continue
+        blocksize = getattr(getattr(module.weight, "quant_state", None), "blocksize", 64)
+        if module.out_features % BNB_CPU_ROW_BLOCK or module.in_features % blocksize:
+            module.support_avx512bf16_for_cpu = False
+            names.append(name)
+    return names
 
 
 def _quantization_config(cfg: TrainConfig, model_config, place: Placement):
@@ -217,6 +247,8 @@ def load_base(cfg: TrainConfig, model_config, place: Placement, name: str = "", 
 
     if four_bit:
         from peft import prepare_model_for_kbit_training
+
+        keep_unpackable_4bit_layers_generic(model)
 
         model = prepare_model_for_kbit_training(
             model,

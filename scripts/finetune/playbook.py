@@ -7,11 +7,13 @@ import math
 from .config import TrainConfig, parse_config
 from .data import PreparedData, prepare_data
 from .errors import run_cli
+from .evaluation import describe as describe_evaluation
 from .memory import estimate_run, micro_batch_tokens
 from .model import Placement, check_trainable, count_parameters, load_model_config, load_tokenizer, placement
 from .outputs import is_main_process, prepare_output_dir
 from .preflight import check_memory, enforce
 from .report import plan_text, summary_table
+from .strategies import describe_export, describe_strategy, run_export
 from .train import train, world_size
 
 
@@ -55,6 +57,9 @@ def make_plan(cfg: TrainConfig, model_config, data: PreparedData, place: Placeme
         "micro_batch_tokens": batch_tokens,
         "memory_estimate": estimate.as_dict(),
         "output_dir": cfg.output_dir,
+        "evaluation": describe_evaluation(cfg, len(data.eval)),
+        "strategy": describe_strategy(cfg),
+        "export": describe_export(cfg) if cfg.export else None,
         "data": {
             "source": data.source,
             "format": stats.format,
@@ -117,6 +122,8 @@ def main(
         cfg = parse_config(
             argv, prog=prog, description=description, defaults=defaults, config_class=config_class
         )
-        (runner or run)(cfg)
+        metrics = (runner or run)(cfg)
+        if metrics is not None and cfg.export and is_main_process():
+            run_export(cfg)
 
     run_cli(go)

@@ -1,7 +1,8 @@
 """The loss curve of a run, as a PNG beside its metrics.json.
 
 Drawn from the trainer's log history: the loss of every optimizer step (kept by MeasuredTrainer, so a resumed
-run's curve is whole), its moving average over --logging_steps, and the eval loss at the end. DPO runs get a
+run's curve is whole), its moving average over --logging_steps, and the eval loss at every evaluation (see
+evaluation.py) with the lowest one marked. DPO runs get a
 second panel with the reward accuracy and margin TRL logs. Without matplotlib the plot is skipped with a note:
 a run never fails for want of a picture.
 """
@@ -64,7 +65,13 @@ def write_loss_plot(history: list[dict], out_dir: Path, *, window: int = 10, tit
         if smooth:
             ax.plot(steps, _moving_average(losses, window), color="tab:blue", label=f"mean of {window} steps")
         if eval_steps:
-            ax.plot(eval_steps, eval_losses, "o", color="tab:orange", label="eval loss")
+            ax.plot(eval_steps, eval_losses, "o-", color="tab:orange", markersize=4, label="eval loss")
+            best = min(range(len(eval_losses)), key=lambda i: (eval_losses[i], eval_steps[i]))
+            if len(eval_steps) > 1:
+                ax.plot(
+                    eval_steps[best], eval_losses[best], "*", color="tab:red", markersize=12,
+                    label=f"lowest eval loss ({eval_losses[best]:.4f}, step {eval_steps[best]})",
+                )  # fmt: skip
         ax.set_ylabel("loss")
         ax.grid(alpha=0.3)
         ax.legend(loc="upper right")

@@ -80,10 +80,23 @@ def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _best_row(metrics: dict) -> list[tuple[str, str]]:
+    """The lowest eval loss, when there was more than one evaluation, and whether final/ holds that model."""
+    if len(metrics.get("eval_history") or []) < 2 or metrics.get("best_eval_loss") is None:
+        return []
+    kept = " (in final/)" if metrics.get("final_model") == "best" else ""
+    stopped = metrics.get("stopped_early_at_step")
+    early = f"; stopped early at step {stopped}" if stopped else ""
+    return [
+        ("best eval loss", f"{metrics['best_eval_loss']:.4f} at step {metrics['best_step']}{kept}{early}")
+    ]
+
+
 def summary_table(metrics: dict) -> str:
     rows = [
         ("train loss", _fmt(metrics.get("train_loss"), ".4f")),
         ("eval loss", _fmt(metrics.get("eval_loss"), ".4f")),
+        *_best_row(metrics),
         ("perplexity", _fmt(metrics.get("eval_perplexity"), ".2f")),
         ("tokens/s", _fmt(metrics.get("tokens_per_second"), ",.1f")),
         ("samples/s", _fmt(metrics.get("samples_per_second"), ",.2f")),
@@ -119,6 +132,9 @@ def plan_text(plan: dict) -> str:
         f"{human_bytes(estimate['activations'])}, logits {human_bytes(estimate['logits'])}, "
         f"runtime {human_bytes(estimate['runtime'])})",
         *([f"memory check     {plan['memory_check']}"] if plan.get("memory_check") else []),
+        *([f"evaluation       {plan['evaluation']}"] if plan.get("evaluation") else []),
+        *([f"strategy         {plan['strategy']}"] if plan.get("strategy") else []),
         f"output           {plan['output_dir']}",
+        *([f"export           {plan['export']}"] if plan.get("export") else []),
     ]
     return "\n".join(lines)

@@ -184,16 +184,18 @@ def inference_placement(dtype: str = "auto") -> tuple[str, torch.dtype]:
 def load_causal_lm(name: str, flag: str, **kwargs):
     from transformers import AutoModelForCausalLM
 
-    from .model import hub_failure
+    from .model import hub_failure, keep_unpackable_4bit_layers_generic
 
     try:
-        return AutoModelForCausalLM.from_pretrained(os.path.expanduser(name), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(name), **kwargs)
     except (OSError, ValueError) as exc:  # offline, gated, missing: the same hints as the training scripts
         raise hub_failure(name, exc, flag) from None
     except ImportError as exc:
         raise UserError(
             f"{flag} {name}: cannot load the model ({str(exc).strip().splitlines()[0]})"
         ) from None
+    keep_unpackable_4bit_layers_generic(model)
+    return model
 
 
 def load_tokenizer_for(source: ModelSource, flag: str):

@@ -1,8 +1,9 @@
 """Build a tiny, randomly initialised Llama-style causal LM and tokenizer, offline and reproducibly.
 
 The result is a stand-in for a real Llama 3.x Instruct checkpoint in tests and demos: same architecture
-family, Llama 3 special tokens and chat layout, no pad token, but only a couple of hundred thousand
-parameters and a 1024-entry byte-level BPE vocabulary trained on a small bundled corpus.
+family, Llama 3 special tokens and chat layout, no pad token, every projection a multiple of 64 as in real
+models, but only about half a million parameters and a 1024-entry byte-level BPE vocabulary trained on a
+small bundled corpus.
 
     python -m finetune.tiny OUT_DIR
 
@@ -155,11 +156,13 @@ def _build_model(tokenizer):
     eot_id = tokenizer.convert_tokens_to_ids(EOT)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
+        # Every projection a multiple of 64, as in real models (bitsandbytes' CPU kernels and GGUF's q8_0
+        # blocks rely on it); grouped-query attention as in Llama 3: 4 query heads of 32 over 2 key/value heads.
+        hidden_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        intermediate_size=176,
+        intermediate_size=256,
         max_position_embeddings=MAX_POSITIONS,
         tie_word_embeddings=False,
         bos_token_id=bos_id,

@@ -14,8 +14,9 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from .config import TrainConfig
 from .data import IGNORE_INDEX, Collator, PreparedData, real_tokens
 from .errors import EXIT_SIGINT, EXIT_SIGTERM, Interrupted
+from .evaluation import EvalTracker, eval_arguments
 from .model import Placement, liger_kernels, load_model
-from .outputs import CHECKPOINTS, METRICS, RUN_FILE, is_main_process, save_final
+from .outputs import CHECKPOINTS, METRICS, RUN_FILE, is_main_process
 from .plot import write_loss_plot
 from .report import peak_memory_bytes, perplexity, versions, write_json_atomic
 
@@ -170,7 +171,7 @@ def training_arguments(cfg: TrainConfig, place: Placement, out: Path) -> Trainin
         save_strategy="steps",
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit,
-        eval_strategy="no",  # evaluated once at the end
+        **eval_arguments(cfg),  # and once more at the end (run_training)
         seed=cfg.seed,
         data_seed=cfg.seed,
         # Fused kernels and a chunked cross-entropy on CUDA when liger_kernel is installed (see model.liger_kernels).
@@ -208,6 +209,8 @@ def run_training(
         write_json_atomic(out / RUN_FILE, cfg.identity())
     step_end = StepEndCallback(trainer, place.device)
     trainer.add_callback(step_end)
+    tracker = EvalTracker(trainer, cfg, tokenizer, out, resume_from)
+    trainer.add_callback(tracker)
 
     if resume_from and is_main_process():
         print(f"resuming from {resume_from}", flush=True)
@@ -228,7 +231,7 @@ def run_training(
             code,
         )
 
-    eval_metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
+    eval_metrics = tracker.final_evaluation()
     eval_loss = eval_metrics.get("eval_loss")
     tokens = _reduce_sum(trainer.tokens_seen, place.device)
     samples = _reduce_sum(trainer.samples_seen, place.device)
@@ -261,7 +264,8 @@ def run_training(
         "versions": versions(),
     }
     if is_main_process():
-        final = save_final(trainer.accelerator.unwrap_model(trainer.model), tokenizer, out)
+        final = tracker.save_final(trainer.accelerator.unwrap_model(trainer.model))
+        metrics.update(tracker.metrics())
         metrics["final_dir"] = str(final)
         metrics["metrics_file"] = str(out / METRICS)
         write_json_atomic(out / METRICS, metrics)

@@ -1,5 +1,6 @@
 # `import nixpkgs { system; overlays; config; }` for the stand-in: a fixed point of the base set
-# below extended by the overlays, like nixpkgs' own.
+# below extended by the overlays, like nixpkgs' own, with nixpkgs' real `lib` (./lib, see
+# ./flake.nix) and nixpkgs' `config` module semantics (./config.nix).
 {
   system ? builtins.currentSystem,
   overlays ? [ ],
@@ -9,11 +10,38 @@
 let
   lib = import ./lib.nix;
 
-  config' = {
-    cudaSupport = false;
-    allowUnfree = false;
-  }
-  // config;
+  # Like nixpkgs: the user's config is one module of the config module system, so every option
+  # has its default (cudaCapabilities = [ ], cudaSupport = false, ...).
+  config' =
+    (lib.evalModules {
+      modules = [
+        ./config.nix
+        { inherit config; }
+      ];
+    }).config;
+
+  hostPlatform = lib.systems.elaborate system;
+
+  # nixpkgs' check-meta: a package that is broken, unfree or not meant for this platform refuses
+  # to evaluate once its derivation is needed (drvPath, outPath), unless config allows it.
+  metaProblem =
+    name: meta:
+    let
+      licenses = lib.toList (meta.license or [ ]);
+      unfree = builtins.any (l: !(l.free or true)) licenses;
+      available = lib.meta.availableOn hostPlatform { inherit meta; };
+      unfreeAllowed =
+        config'.allowUnfree
+        || (config' ? allowUnfreePredicate && config'.allowUnfreePredicate { inherit name meta; });
+    in
+    if (meta.broken or false) && !config'.allowBroken then
+      "is marked as broken"
+    else if !available && !config'.allowUnsupportedSystem then
+      "is not available on the requested hostPlatform ${system} (meta.platforms)"
+    else if unfree && !unfreeAllowed then
+      "has an unfree license, and config.allowUnfree is not set"
+    else
+      null;
 
   # A derivation that evaluates like a real one (drvPath, outPath) but never builds. `env` becomes
   # derivation attributes (strings, lists, derivations); `passthru` is added to the result only.
@@ -38,11 +66,15 @@ let
         || builtins.isPath v
         || lib.isDerivation v
       ) env;
+      problem = metaProblem name meta;
       drv = derivation (
         storable
         // checks
         // {
           inherit name system outputs;
+          checkMeta =
+            problem == null
+            || throw "Package '${name}' in the nixpkgs stand-in ${problem}, refusing to evaluate (nixpkgs' check-meta).";
           builder = "/bin/sh";
           args = [
             "-c"
@@ -53,20 +85,12 @@ let
     in
     drv // env // passthru // { inherit meta; };
 
-  unfreeAllowed =
-    pkg: config'.allowUnfree || (config' ? allowUnfreePredicate && config'.allowUnfreePredicate pkg);
-  unfree =
-    pkg:
-    if unfreeAllowed pkg then
-      pkg
-    else
-      throw "Package '${pkg.name}' has an unfree license, refusing to evaluate (the stand-in mirrors nixpkgs' config.allowUnfree check).";
-
   base =
     final:
     let
       cudaVersion = "12.9";
-      # nixpkgs' default capabilities for CUDA 12.9 (every non-Jetson baseline capability).
+      # nixpkgs' default capabilities for CUDA 12.9 (every non-Jetson baseline capability); used
+      # when config.cudaCapabilities is [ ] (its default), as nixpkgs' cudaPackages do.
       defaultCapabilities = [
         "7.5"
         "8.0"
@@ -78,7 +102,8 @@ let
         "12.0"
         "12.1"
       ];
-      capabilities = config'.cudaCapabilities or defaultCapabilities;
+      capabilities =
+        if config'.cudaCapabilities != [ ] then config'.cudaCapabilities else defaultCapabilities;
       minimumCuda = {
         "12.1" = "12.9";
         "12.0" = "12.8";
@@ -86,14 +111,14 @@ let
       cudaPackages = {
         cudaMajorMinorVersion = cudaVersion;
         cudaMajorVersion = "12";
-        cuda_nvcc = unfree (mkFake {
+        cuda_nvcc = mkFake {
           name = "cuda_nvcc-12.9.86";
           outputs = [
             "out"
             "bin"
           ];
-          meta.license = "unfree";
-        });
+          meta.license = lib.licenses.nvidiaCudaRedist;
+        };
         flags = {
           cudaCapabilities = map (
             c:
@@ -123,11 +148,16 @@ let
       config = config';
 
       stdenv = {
-        hostPlatform = {
-          inherit system;
-          isLinux = true;
-          isx86_64 = system == "x86_64-linux";
-          isAarch64 = system == "aarch64-linux";
+        inherit hostPlatform;
+        buildPlatform = hostPlatform;
+        targetPlatform = hostPlatform;
+        # gcc's runtime libraries (libgcc_s, libstdc++): what autoPatchelfHook links wheels to.
+        cc.cc = mkFake {
+          name = "gcc-14.3.0";
+          outputs = [
+            "out"
+            "lib"
+          ];
         };
       };
 
@@ -150,7 +180,7 @@ let
           builtins.all lib.isDerivation packages || throw "mkShell: packages must be derivations";
         mkFake {
           inherit name passthru;
-          env = builtins.removeAttrs attrs [ "passthru" ] // {
+          env = removeAttrs attrs [ "passthru" ] // {
             inherit shellHook;
           };
         };
@@ -160,7 +190,7 @@ let
         assert builtins.isString buildCommand;
         mkFake {
           inherit name;
-          env = builtins.removeAttrs env [ "passthru" ] // {
+          env = removeAttrs env [ "passthru" ] // {
             inherit buildCommand;
           };
           passthru = env.passthru or { };
@@ -171,6 +201,7 @@ let
           name,
           text,
           runtimeInputs ? [ ],
+          meta ? { },
           ...
         }:
         assert builtins.all lib.isDerivation runtimeInputs;
@@ -179,7 +210,9 @@ let
           env = {
             inherit text runtimeInputs;
           };
-          meta.mainProgram = name;
+          meta = meta // {
+            mainProgram = name;
+          };
         };
 
       fetchFromGitHub =
@@ -200,6 +233,35 @@ let
             rev = if tag != null then "refs/tags/${tag}" else rev;
           };
         };
+
+      # A fixed-output download: `url` and an SRI `hash` (or `sha256`), as nixpkgs' fetchurl.
+      fetchurl =
+        {
+          url,
+          hash ? null,
+          sha256 ? null,
+          name ? baseNameOf url,
+          ...
+        }:
+        assert
+          (hash != null || sha256 != null)
+          || throw "fetchurl ${url}: a hash is required (nixpkgs refuses to fetch without one)";
+        mkFake {
+          inherit name;
+          env = {
+            inherit url;
+            outputHash = if hash != null then hash else sha256;
+          };
+        };
+
+      autoPatchelfHook = tool "auto-patchelf-hook" "0" "auto-patchelf";
+      zlib = mkFake {
+        name = "zlib-1.3.1";
+        outputs = [
+          "out"
+          "dev"
+        ];
+      };
 
       coreutils = tool "coreutils" "9.8" "coreutils";
       findutils = tool "findutils" "4.10.0" "find";

@@ -1,0 +1,232 @@
+#!/usr/bin/env python3
+"""Set up a local environment and run the demo, the tests or the canary, without Nix. Needs only Python >= 3.11.
+
+    python3 dev.py demo [ARGS]        # .venv at constraints.txt, then scripts/demo.py (the tiny model, offline)
+    python3 dev.py test [ARGS]        # the same .venv plus the test tools, then python -m pytest ARGS
+    python3 dev.py test --pins latest [ARGS]
+                                      # .venv-latest at constraints-latest.txt (the newest releases tested)
+    python3 dev.py canary [ARGS]      # the newest releases, unpinned: smoke tests, one verdict line, never fails
+    python3 dev.py bump-latest        # re-resolve the newest releases into constraints-latest.txt, on purpose
+
+Each environment is a git-ignored virtual environment in this directory. torch is installed first, at the pinned
+version, so that no other package pulls in a different build; running a command again reuses the environment and
+installs only when a pin changed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import venv
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+PINS = {"flake": ROOT / "constraints.txt", "latest": ROOT / "constraints-latest.txt"}
+ENVS = {"flake": ROOT / ".venv", "latest": ROOT / ".venv-latest"}
+CANARY_ENV = ROOT / ".venv-canary"
+STAMP = "llm-finetune-pins.json"
+# The packages whose versions a canary verdict names: the stack the scripts are written against.
+STACK = (
+    "torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "huggingface-hub",
+    "tokenizers", "safetensors",
+)  # fmt: skip
+# Not pinned: the installer's own tools and this project.
+UNPINNED = {"pip", "setuptools", "wheel", "llm-finetune"}
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(1)
+
+
+def pinned_versions(constraints: Path) -> dict[str, str]:
+    """{normalised name: version} for every `name==version` line of a constraints file."""
+    versions = {}
+    for line in constraints.read_text().splitlines():
+        match = re.match(r"\s*([A-Za-z0-9_.\-]+)\s*==\s*([^\s;#]+)", line)
+        if match:
+            versions[normalise(match[1])] = match[2]
+    return versions
+
+
+def normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def pip(python: Path, *args: str, quiet: bool = True) -> None:
+    quiet_flag = ["-q"] if quiet else []
+    command = [str(python), "-m", "pip", "install", "--disable-pip-version-check", *quiet_flag, *args]
+    if subprocess.run(command, cwd=ROOT).returncode != 0:
+        fail(f"`{' '.join(command[3:])}` failed (see pip's message above); nothing else was changed")
+
+
+def env_python(env: Path) -> Path:
+    return env / ("Scripts" if os.name == "nt" else "bin") / "python"
+
+
+def ensure_env(env: Path, constraints: Path | None, extras: str, fresh: bool = False) -> Path:
+    """A virtual environment with torch first, then this project's dependencies (and `extras`) under
+    `constraints`, or their newest releases when `constraints` is None. Reused while its inputs are unchanged."""
+    wanted = {
+        "constraints": constraints.read_text() if constraints else None,
+        "pyproject": hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest(),
+        "extras": extras,
+        "python": sys.version.split()[0],
+    }
+    python = env_python(env)
+    stamp = env / STAMP
+    if not fresh and python.exists() and stamp.exists() and json.loads(stamp.read_text()) == wanted:
+        return python
+    if fresh or not python.exists():
+        shutil.rmtree(env, ignore_errors=True)
+        print(f"== creating {env.name} (Python {wanted['python']})", flush=True)
+        try:
+            venv.create(env, with_pip=True)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            shutil.rmtree(env, ignore_errors=True)
+            fail(f"cannot create {env}: {exc} (on Debian and Ubuntu, `apt install python3-venv` provides it)")
+    stamp.unlink(missing_ok=True)  # an interrupted install must not pass for a finished one
+    pins = pinned_versions(constraints or PINS["flake"])
+    torch = f"torch=={pins['torch']}"
+    rest = f"the pins in {constraints.name}" if constraints else "the newest releases"
+    print(f"== installing {torch}, then {rest}", flush=True)
+    pip(python, torch)
+    # Editable: the scripts and the environment's `finetune` package are the same files.
+    target = ["-e", f"{ROOT}[{extras}]" if extras else str(ROOT)]
+    pip(python, *(["-c", str(constraints)] if constraints else []), torch, *target)
+    stamp.write_text(json.dumps(wanted, indent=1) + "\n")
+    return python
+
+
+def run(python: Path, *args: str, env: dict | None = None) -> int:
+    return subprocess.run([str(python), *args], cwd=ROOT, env=env).returncode
+
+
+def pins_flag(args: list[str]) -> tuple[str, list[str]]:
+    if args[:1] == ["--pins"] and len(args) > 1:
+        return args[1], args[2:]
+    if args[:1] and args[0].startswith("--pins="):
+        return args[0].split("=", 1)[1], args[1:]
+    return "flake", args
+
+
+def demo(args: list[str]) -> int:
+    python = ensure_env(ENVS["flake"], PINS["flake"], extras="")
+    return run(python, "scripts/demo.py", *args)
+
+
+def test(args: list[str]) -> int:
+    pins, args = pins_flag(args)
+    if pins not in PINS:
+        fail(f"--pins {pins}: choose one of {', '.join(PINS)}")
+    python = ensure_env(ENVS[pins], PINS[pins], extras="test")
+    print(f"== python -m pytest {' '.join(args)} (pins: {PINS[pins].name})", flush=True)
+    return run(python, "-m", "pytest", *args)
+
+
+def installed_versions(python: Path) -> dict[str, str]:
+    listing = subprocess.run(
+        [str(python), "-m", "pip", "list", "--format", "json", "--disable-pip-version-check"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    return {normalise(p["name"]): p["version"] for p in json.loads(listing)}
+
+
+def junit_outcome(report: Path) -> tuple[int, list[str]]:
+    """(passed, failed test ids) from a pytest JUnit XML report."""
+    passed, failed = 0, []
+    for case in ET.parse(report).iter("testcase"):
+        if case.find("failure") is not None or case.find("error") is not None:
+            failed.append(f"{case.get('classname', '').replace('.', '/')}.py::{case.get('name')}")
+        elif case.find("skipped") is None:
+            passed += 1
+    return passed, failed
+
+
+def canary(args: list[str]) -> int:
+    """The smoke tests against whatever PyPI serves today. Prints one verdict line; exits 0 whatever it finds,
+    so that a new upstream release cannot fail CI: it warns, and `bump-latest` moves the pins on purpose."""
+    try:
+        python = ensure_env(CANARY_ENV, None, extras="test", fresh=True)
+    except SystemExit:
+        print("canary: could not install the newest releases (see pip's message above)")
+        return 0
+    versions = installed_versions(python)
+    latest = pinned_versions(PINS["latest"])
+    moved = [f"{n} {versions[n]}" for n in STACK if n in versions and latest.get(n) != versions[n]]
+    # pytest's own output goes to a log: the verdict line is what the canary says, so that a failure here can
+    # never read as the run's failure.
+    report, log = CANARY_ENV / "junit.xml", CANARY_ENV / "pytest.log"
+    with log.open("w") as out:
+        command = [str(python), "-m", "pytest", "-m", "smoke", "-rf", f"--junitxml={report}", *args]
+        subprocess.run(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    passed, failed = junit_outcome(report) if report.exists() else (0, [f"pytest (no report; see {log})"])
+    newer = f" (newer than {PINS['latest'].name}: {', '.join(moved)})" if moved else ""
+    if failed:
+        stack = ", ".join(f"{n} {versions[n]}" for n in STACK if n in versions)
+        more = f" and {len(failed) - 1} more" if len(failed) > 1 else ""
+        errors = [line for line in log.read_text().splitlines() if line.startswith("E ")]
+        print("\n".join(errors[-15:]) + f"\n(the whole output: {log})")
+        print(f"canary: FAILED {failed[0]}{more} with {stack}")
+    else:
+        print(f"canary: {passed} passed{newer}")
+    return 0
+
+
+def bump_latest(args: list[str]) -> int:
+    """Resolve this project's dependencies and test tools at their newest releases (torch stays at its pin) and
+    write every resolved version to constraints-latest.txt, with the changes since the last bump at its top."""
+    torch = f"torch=={pinned_versions(PINS['flake'])['torch']}"
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "report.json"
+        pip(
+            Path(sys.executable), "--dry-run", "--ignore-installed", "--report", str(report),
+            "--upgrade-strategy", "eager", torch, f"{ROOT}[test]", *args,
+        )  # fmt: skip
+        resolved = {
+            normalise(item["metadata"]["name"]): item["metadata"]["version"]
+            for item in json.loads(report.read_text())["install"]
+        }
+    resolved = {n: v.split("+")[0] for n, v in sorted(resolved.items()) if n not in UNPINNED}
+    before = pinned_versions(PINS["latest"]) if PINS["latest"].exists() else {}
+    changes = [f"{n} {before.get(n, '(new)')} -> {v}" for n, v in resolved.items() if before.get(n) != v]
+    changes += [f"{n} {v} -> (dropped)" for n, v in before.items() if n not in resolved]
+    today = datetime.date.today().isoformat()
+    lines = [
+        "# The newest releases this project is tested with: CI's second pinned pass (`python3 dev.py test --pins",
+        "# latest`). Written by `python3 dev.py bump-latest`, never by hand; constraints.txt stays the flake's set.",
+        f"# Bumped {today}; changes since the previous bump:" + ("" if changes else " none"),
+        *(f"#   {change}" for change in changes),
+        *(f"{n}=={v}" for n, v in resolved.items()),
+    ]
+    PINS["latest"].write_text("\n".join(lines) + "\n")
+    print(f"{PINS['latest'].name}: {len(resolved)} pins, {len(changes)} changed")
+    for change in changes:
+        print(f"  {change}")
+    return 0
+
+
+COMMANDS = {"demo": demo, "test": test, "canary": canary, "bump-latest": bump_latest}
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in COMMANDS:
+        print(__doc__.strip())
+        return 0 if argv[:1] in ([], ["-h"], ["--help"]) else 2
+    if sys.version_info < (3, 11):  # noqa: UP036 (dev.py runs on whatever python3 the user has)
+        fail(f"Python >= 3.11 is needed; this is {sys.version.split()[0]}")
+    if sys.prefix != sys.base_prefix:
+        print(f"note: {sys.prefix} is active; dev.py uses its own environments in {ROOT} all the same")
+    return COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

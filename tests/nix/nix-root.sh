@@ -1,0 +1,39 @@
+#!/bin/sh
+# Make DIR a Debian trixie root with Nix 2.26 (Debian's nix-bin), git and CA certificates, for
+# evaluating the flake where no modern Nix is installed (tests/test_flake.py does this itself):
+#
+#   sudo tests/nix/nix-root.sh .nix-root          # a minute or two, ~290 MB; needs mmdebstrap
+#   sudo chroot .nix-root nix --version
+#
+# Idempotent: a root that already has nix is kept, and /proc is mounted in it when it is not.
+# Needs root (mmdebstrap's root mode, mount, chroot) and `apt-get install mmdebstrap`.
+set -eu
+
+dir=${1:?usage: nix-root.sh DIR}
+suite=trixie
+
+if [ "$(id -u)" != 0 ]; then
+  echo "nix-root.sh: needs root (mmdebstrap, mount, chroot)" >&2
+  exit 2
+fi
+
+if [ ! -x "$dir/usr/bin/nix" ]; then
+  if ! command -v mmdebstrap >/dev/null 2>&1; then
+    echo "nix-root.sh: mmdebstrap is not installed (apt-get install mmdebstrap)" >&2
+    exit 2
+  fi
+  # Build beside DIR and move it in place only when complete, so an interrupted run never leaves
+  # a half-made root that looks finished.
+  partial="$dir.partial"
+  rm -rf "$partial"
+  mmdebstrap --quiet --variant=apt --include=nix-bin,git,ca-certificates "$suite" "$partial"
+  if [ -d "$dir" ]; then
+    rmdir "$dir" # refuses unless empty: never replace anything else
+  fi
+  mv "$partial" "$dir"
+fi
+
+if ! mountpoint -q "$dir/proc"; then
+  mount -t proc proc "$dir/proc"
+fi
+chroot "$dir" nix --version
