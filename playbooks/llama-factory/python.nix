@@ -16,7 +16,8 @@
 # torch has CUDA (the wheel torch has no nixpkgs CUDA toolkit to give them), so with a CUDA torch
 # they are left out. LLaMA-Factory needs neither for text models; it imports torchaudio at module
 # level (data/mm_plugin.py) to read audio inputs only, so that import gets ./no_torchaudio.py, a
-# placeholder whose use raises an ImportError saying why. With the CPU torch they are nixpkgs' cached builds.
+# placeholder whose use raises an ImportError saying why. With the CPU torch they are nixpkgs'
+# cached builds.
 #
 # Hashes: fetchPypi ones are the sha256 of the files PyPI publishes (`pip download --no-deps
 # --no-binary :all: NAME==VERSION`, or `--only-binary :all:` for the wheels, then
@@ -29,7 +30,6 @@
 }:
 let
   version = "0.9.5";
-
 
   # The release's source: the package, and the data/ and examples/ NVIDIA's commands read.
   source = fetchFromGitHub {
@@ -219,7 +219,7 @@ let
 
     llamafactory =
       let
-        # nixpkgs' torchvision and torchaudio would compile CUDA code against a CUDA torch (see above).
+        # nixpkgs' torchvision and torchaudio would compile CUDA code for a CUDA torch (above).
         withVisionAudio = !(pyfinal.torch.cudaSupport or false);
         leftOut = [
           "torchvision"

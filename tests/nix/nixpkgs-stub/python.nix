@@ -17,7 +17,7 @@
   final,
   config,
   cudaPackages,
-  # What `python3.override { packageOverrides = ...; }` passes: applied after pythonPackagesExtensions.
+  # `python3.override { packageOverrides = ...; }`: applied after pythonPackagesExtensions.
   packageOverrides ? (_: _: { }),
 }@args:
 let
