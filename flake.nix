@@ -64,6 +64,9 @@
               llm-finetune-scripts = scripts;
             };
 
+          # LLaMA-Factory, with a Python set of its own (playbooks/llama-factory/python.nix).
+          llamaFactoryShellFor = pkgs: pkgs.callPackage ./playbooks/llama-factory { };
+
           # `nix run .#<name> -- --help`: the script with the CUDA Python, the host driver linked in
           # on non-NixOS systems like in the devShell; or with the CPU Python where it asks for it.
           appFor =
@@ -183,6 +186,8 @@
               pytorch-fine-tune-cpu = shellFor cpu;
               # nixpkgs' CUDA, narrowed to one GPU: smaller, but built locally (see the README).
               pytorch-fine-tune-h100 = shellFor (pkgsFor system { preset = "h100"; });
+              llama-factory = llamaFactoryShellFor gpu;
+              llama-factory-cpu = llamaFactoryShellFor cpu;
               default = pytorch-fine-tune;
             }
             // lib.optionalAttrs (system == "x86_64-linux") {
@@ -199,6 +204,7 @@
             lib.mapAttrs' (
               name: playbook: lib.nameValuePair "smoke-${name}" (smokeFor playbook)
             ) playbooks
+            // cpu.callPackage ./playbooks/llama-factory/checks.nix { }
             // {
               pytest =
                 cpu.runCommand "llm-finetune-pytest"
@@ -211,7 +217,8 @@
                     cp -r ${pythonSource} "$TMPDIR/source"
                     chmod -R u+w "$TMPDIR/source"
                     cd "$TMPDIR/source"
-                    python -m pytest tests -p no:cacheprovider
+                    # LLaMA-Factory runs in checks.smoke-llama-factory-*; its pytest venv needs PyPI.
+                    python -m pytest tests -p no:cacheprovider -m "not llama_factory"
                     touch "$out"
                   '';
 

@@ -25,7 +25,7 @@ OUT = Path(__file__).resolve().parent / "nixpkgs-stub" / "requires-dist.json"
 
 # name -> versions: nixpkgs' version of each package the stand-in models, plus those the overlay moves to.
 RELEASES = {
-    "accelerate": ["1.12.0"],
+    "accelerate": ["1.11.0", "1.12.0"],
     "bitsandbytes": ["0.48.2"],
     # The CUDA wheels of overlays/cuda-wheels (their Requires-Dist that names other packages).
     "cuda-bindings": ["13.5.0"],
@@ -33,14 +33,19 @@ RELEASES = {
     "nvidia-cusolver": ["12.0.4.66"],
     "torch": ["2.13.0"],
     "triton": ["3.7.1"],
-    "datasets": ["5.1.0"],
+    "datasets": ["4.0.0", "5.1.0"],
     "hf-xet": ["1.8.0"],
     "huggingface-hub": ["1.28.0", "1.31.0"],
     "peft": ["0.18.0"],
     "safetensors": ["0.8.0"],
     "tokenizers": ["0.23.2"],
     "transformers": ["5.5.4"],
-    "trl": ["0.25.1", "0.29.1"],
+    "trl": ["0.24.0", "0.25.1", "0.29.1"],
+    # playbooks/llama-factory: LLaMA-Factory and the releases its Python set moves to.
+    "gradio": ["5.50.0"],
+    "gradio-client": ["1.14.0"],
+    "llamafactory": ["0.9.5"],
+    "tyro": ["0.8.14"],
 }
 
 ENVIRONMENTS = [

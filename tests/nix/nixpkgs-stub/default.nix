@@ -215,6 +215,25 @@ let
           };
         };
 
+      fetchFromGitHub =
+        {
+          owner,
+          repo,
+          hash,
+          tag ? null,
+          rev ? null,
+          ...
+        }:
+        assert
+          (tag == null) != (rev == null) || throw "fetchFromGitHub: give exactly one of tag and rev";
+        mkFake {
+          name = "source";
+          env = {
+            inherit owner repo hash;
+            rev = if tag != null then "refs/tags/${tag}" else rev;
+          };
+        };
+
       # A fixed-output download: `url` and an SRI `hash` (or `sha256`), as nixpkgs' fetchurl.
       fetchurl =
         {

@@ -17,7 +17,9 @@
   final,
   config,
   cudaPackages,
-}:
+  # `python3.override { packageOverrides = ...; }`: applied after pythonPackagesExtensions.
+  packageOverrides ? (_: _: { }),
+}@args:
 let
   pythonVersion = "3.14";
   sitePackages = "lib/python${pythonVersion}/site-packages";
@@ -66,6 +68,66 @@ let
     ruff.version = "0.14.0";
     requests.version = "2.32.5";
     pillow.version = "12.0.0";
+    # For playbooks/llama-factory: what LLaMA-Factory, gradio and their pinned releases need.
+    # Versions not read from nixpkgs' source: only what the Requires-Dist check compares matters.
+    hatchling.version = "1.27.0";
+    torchdata.version = "0.11.0";
+    einops.version = "0.8.1";
+    sentencepiece.version = "0.2.1";
+    tiktoken.version = "0.12.0";
+    modelscope.version = "1.31.0";
+    hf-transfer.version = "0.1.9";
+    # Newer than LLaMA-Factory's cap (<=16.0.0); playbooks/llama-factory/python.nix relaxes it.
+    av.version = "16.0.1";
+    fire.version = "0.7.1";
+    omegaconf.version = "2.3.0";
+    pydantic.version = "2.12.4";
+    uvicorn.version = "0.38.0";
+    fastapi.version = "0.121.1";
+    starlette.version = "0.49.3";
+    sse-starlette.version = "3.0.3";
+    gradio.version = "5.49.1";
+    gradio-client.version = "1.13.3";
+    tyro.version = "1.0.5";
+    docstring-parser.version = "0.17.0";
+    shtab.version = "1.7.2";
+    aiofiles.version = "25.1.0";
+    aiohttp.version = "3.13.2";
+    anyio.version = "4.11.0";
+    audioop-lts.version = "0.2.2";
+    brotli.version = "1.2.0";
+    ffmpy.version = "0.6.4";
+    groovy.version = "0.1.2";
+    markupsafe.version = "3.0.3";
+    orjson.version = "3.11.4";
+    pydub.version = "0.25.1";
+    python-multipart.version = "0.0.20";
+    safehttpx.version = "0.1.7";
+    semantic-version.version = "2.10.0";
+    tomlkit.version = "0.13.3";
+    websockets.version = "15.0.1";
+    # nixpkgs' torchvision and torchaudio follow torch: with a CUDA torch they compile CUDA code
+    # with nvcc, from torch.cudaPackages (torchvision) or the set's cudaPackages (torchaudio, also
+    # against torch.cxxdev). The wheel torch has neither, so there they do not evaluate.
+    torchvision = {
+      version = "0.28.0";
+      deps = [
+        "numpy"
+        "pillow"
+        "torch"
+      ];
+      withSet = ps: {
+        nativeBuildInputs = lib.optionals ps.torch.cudaSupport [ ps.torch.cudaPackages.cuda_nvcc ];
+      };
+    };
+    torchaudio = {
+      version = "2.13.0";
+      deps = [ "torch" ];
+      withSet = ps: {
+        nativeBuildInputs = lib.optionals ps.torch.cudaSupport [ cudaPackages.cuda_nvcc ];
+        buildInputs = lib.optionals ps.torch.cudaSupport [ ps.torch.cxxdev ];
+      };
+    };
     # nixpkgs builds gguf from llama.cpp's gguf-py and versions it with llama.cpp's build number.
     gguf = {
       version = "9967";
@@ -436,7 +498,10 @@ let
           "version"
           "deps"
           "checkHooks"
+          "withSet"
         ]
+        # Attributes that depend on other packages of the set (as nixpkgs' `torch.cudaSupport`).
+        // (spec.withSet or (_: { })) pyfinal
       )
     ) known
     // {
@@ -467,7 +532,9 @@ let
     };
 
   pkgs = lib.fix (
-    builtins.foldl' (f: ext: lib.extends ext f) basePackages final.pythonPackagesExtensions
+    builtins.foldl' (f: ext: lib.extends ext f) basePackages (
+      final.pythonPackagesExtensions ++ [ packageOverrides ]
+    )
   );
 
   python = mkFake {
@@ -478,6 +545,12 @@ let
     passthru = {
       inherit pythonVersion sitePackages pkgs;
       interpreter = "${python}/bin/python3";
+      override =
+        {
+          packageOverrides ? (_: _: { }),
+          ...
+        }:
+        import ./python.nix (args // { inherit packageOverrides; });
       withPackages =
         f:
         let
