@@ -64,6 +64,9 @@
               llm-finetune-scripts = scripts;
             };
 
+          # NeMo AutoModel, with a Python set of its own (playbooks/nemo-fine-tune/python.nix).
+          nemoShell = gpu.callPackage ./playbooks/nemo-fine-tune { };
+
           # `nix run .#<name> -- --help`: the script with the CUDA Python, the host driver linked in
           # on non-NixOS systems like in the devShell; or with the CPU Python where it asks for it.
           appFor =
@@ -183,6 +186,7 @@
               pytorch-fine-tune-cpu = shellFor cpu;
               # nixpkgs' CUDA, narrowed to one GPU: smaller, but built locally (see the README).
               pytorch-fine-tune-h100 = shellFor (pkgsFor system { preset = "h100"; });
+              nemo-fine-tune = nemoShell;
               default = pytorch-fine-tune;
             }
             // lib.optionalAttrs (system == "x86_64-linux") {
@@ -211,7 +215,32 @@
                     cp -r ${pythonSource} "$TMPDIR/source"
                     chmod -R u+w "$TMPDIR/source"
                     cd "$TMPDIR/source"
-                    python -m pytest tests -p no:cacheprovider
+                    # NeMo AutoModel's test runs in checks.nemo-fine-tune, in its own Python.
+                    python -m pytest tests -p no:cacheprovider -m "not nemo"
+                    touch "$out"
+                  '';
+
+              # NeMo AutoModel's parts on the CPU (tests/test_nemo_automodel.py): the shell's wheels over
+              # nixpkgs' CPU torch (no CUDA wheel in a check), the pinned Automodel examples.
+              nemo-fine-tune =
+                cpu.runCommand "nemo-fine-tune-cpu-check"
+                  {
+                    nativeBuildInputs = [
+                      ((cpu.callPackage ./playbooks/nemo-fine-tune/python.nix { cpuOnly = true; }).withPackages (
+                        ps: [ ps.pytest ]
+                      ))
+                    ];
+                    AUTOMODEL_EXAMPLES = nemoShell.examples;
+                    LLM_FINETUNE_TINY_MODEL = tinyModel;
+                  }
+                  ''
+                    export HOME="$TMPDIR" PYTHONDONTWRITEBYTECODE=1
+                    export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+                    export NEMO_PYTHON="$(command -v python)"
+                    cp -r ${pythonSource} "$TMPDIR/source"
+                    chmod -R u+w "$TMPDIR/source"
+                    cd "$TMPDIR/source"
+                    python -m pytest tests/test_nemo_automodel.py -p no:cacheprovider
                     touch "$out"
                   '';
 

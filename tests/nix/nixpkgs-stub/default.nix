@@ -235,6 +235,26 @@ let
           };
         };
 
+      # nixpkgs' fetchFromGitHub: a fixed-output download of a revision's tarball, unpacked.
+      fetchFromGitHub =
+        {
+          owner,
+          repo,
+          rev ? null,
+          tag ? null,
+          hash,
+          ...
+        }:
+        assert (rev != null) != (tag != null) || throw "fetchFromGitHub ${owner}/${repo}: exactly one of rev, tag";
+        mkFake {
+          name = "source";
+          env = {
+            url = "https://github.com/${owner}/${repo}/archive/${if rev != null then rev else tag}.tar.gz";
+            outputHash = hash;
+            outputHashMode = "recursive";
+          };
+        };
+
       autoPatchelfHook = tool "auto-patchelf-hook" "0" "auto-patchelf";
       zlib = mkFake {
         name = "zlib-1.3.1";
