@@ -97,3 +97,18 @@ def test_nemo_check_runs_the_cpu_test_with_the_shells_python(flake):  # noqa: F8
         assert "pytest tests/test_nemo_automodel.py" in command and "HF_HUB_OFFLINE=1" in command
         assert 'NEMO_PYTHON="$(command -v python)"' in command
         assert '-m "not nemo"' in checks[system]["pytest"]
+
+
+def test_nemo_manifests_are_verified_and_follow_the_constraints():
+    pins = {}
+    for line in (PLAYBOOK / "constraints.txt").read_text().splitlines():
+        name, sep, version = line.partition("==")
+        if sep and not line.startswith("#"):
+            pins[name.strip().lower().replace("_", "-").replace(".", "-")] = version.strip()
+    for system in SYSTEMS:
+        data = json.loads((PLAYBOOK / "wheels" / f"cp314-{system}.json").read_text())
+        assert data["verified"] is True, f"{system}: run update.py --set nemo --verify"
+        for name, wheel in data["wheels"].items():
+            assert wheel["version"] == pins[name], (system, name, wheel["version"], pins.get(name))
+            assert wheel["hash"].startswith("sha256-") and wheel["size"] > 0, (system, name)
+            assert name not in wheel["dependencies"], f"{name} depends on itself: Nix would recurse forever"
