@@ -66,6 +66,8 @@
 
           # NeMo AutoModel, with a Python set of its own (playbooks/nemo-fine-tune/python.nix).
           nemoShell = gpu.callPackage ./playbooks/nemo-fine-tune { };
+          # The same wheels over nixpkgs' CPU torch, for the CPU check.
+          nemoCpu = cpu.callPackage ./playbooks/nemo-fine-tune/python.nix { cpuOnly = true; };
 
           # `nix run .#<name> -- --help`: the script with the CUDA Python, the host driver linked in
           # on non-NixOS systems like in the devShell; or with the CPU Python where it asks for it.
@@ -225,11 +227,7 @@
               nemo-fine-tune =
                 cpu.runCommand "nemo-fine-tune-cpu-check"
                   {
-                    nativeBuildInputs = [
-                      ((cpu.callPackage ./playbooks/nemo-fine-tune/python.nix { cpuOnly = true; }).withPackages (
-                        ps: [ ps.pytest ]
-                      ))
-                    ];
+                    nativeBuildInputs = [ (nemoCpu.withPackages (ps: [ ps.pytest ])) ];
                     AUTOMODEL_EXAMPLES = nemoShell.examples;
                     LLM_FINETUNE_TINY_MODEL = tinyModel;
                   }

@@ -58,13 +58,15 @@ mkShell {
 
   AUTOMODEL_EXAMPLES = examples;
 
-  shellHook = builtins.readFile ../pytorch-fine-tune/host-driver.sh + ''
-    if [ -z "''${LLM_FINETUNE_QUIET:-}" ]; then
-      cat <<'LLM_FINETUNE_HELP'
-    ${help}
-    LLM_FINETUNE_HELP
-    fi
-  '';
+  shellHook =
+    builtins.readFile ../pytorch-fine-tune/host-driver.sh
+    + ''
+      if [ -z "''${LLM_FINETUNE_QUIET:-}" ]; then
+        cat <<'LLM_FINETUNE_HELP'
+      ${help}
+      LLM_FINETUNE_HELP
+      fi
+    '';
 
   passthru = {
     inherit (nemo) python withPackages downloadBytes;

@@ -245,7 +245,9 @@ let
           hash,
           ...
         }:
-        assert (rev != null) != (tag != null) || throw "fetchFromGitHub ${owner}/${repo}: exactly one of rev, tag";
+        assert
+          (rev != null) != (tag != null)
+          || throw "fetchFromGitHub ${owner}/${repo}: exactly one of rev and tag";
         mkFake {
           name = "source";
           env = {
