@@ -66,6 +66,10 @@
 
           # LLaMA-Factory, with a Python set of its own (playbooks/llama-factory/python.nix).
           llamaFactoryShellFor = pkgs: pkgs.callPackage ./playbooks/llama-factory { };
+          # NeMo AutoModel, with a Python set of its own (playbooks/nemo-fine-tune/python.nix).
+          nemoShell = gpu.callPackage ./playbooks/nemo-fine-tune { };
+          # The same wheels over nixpkgs' CPU torch, for the CPU check.
+          nemoCpu = cpu.callPackage ./playbooks/nemo-fine-tune/python.nix { cpuOnly = true; };
 
           # `nix run .#<name> -- --help`: the script with the CUDA Python, the host driver linked in
           # on non-NixOS systems like in the devShell; or with the CPU Python where it asks for it.
@@ -188,6 +192,7 @@
               pytorch-fine-tune-h100 = shellFor (pkgsFor system { preset = "h100"; });
               llama-factory = llamaFactoryShellFor gpu;
               llama-factory-cpu = llamaFactoryShellFor cpu;
+              nemo-fine-tune = nemoShell;
               default = pytorch-fine-tune;
             }
             // lib.optionalAttrs (system == "x86_64-linux") {
@@ -217,8 +222,29 @@
                     cp -r ${pythonSource} "$TMPDIR/source"
                     chmod -R u+w "$TMPDIR/source"
                     cd "$TMPDIR/source"
-                    # LLaMA-Factory runs in checks.smoke-llama-factory-*; its pytest venv needs PyPI.
-                    python -m pytest tests -p no:cacheprovider -m "not llama_factory"
+                    # LLaMA-Factory runs in checks.smoke-llama-factory-*, NeMo AutoModel in
+                    # checks.nemo-fine-tune: each in its own Python.
+                    python -m pytest tests -p no:cacheprovider -m "not llama_factory and not nemo"
+                    touch "$out"
+                  '';
+
+              # NeMo AutoModel's parts on the CPU (tests/test_nemo_automodel.py): the shell's wheels over
+              # nixpkgs' CPU torch (no CUDA wheel in a check), the pinned Automodel examples.
+              nemo-fine-tune =
+                cpu.runCommand "nemo-fine-tune-cpu-check"
+                  {
+                    nativeBuildInputs = [ (nemoCpu.withPackages (ps: [ ps.pytest ])) ];
+                    AUTOMODEL_EXAMPLES = nemoShell.examples;
+                    LLM_FINETUNE_TINY_MODEL = tinyModel;
+                  }
+                  ''
+                    export HOME="$TMPDIR" PYTHONDONTWRITEBYTECODE=1
+                    export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+                    export NEMO_PYTHON="$(command -v python)"
+                    cp -r ${pythonSource} "$TMPDIR/source"
+                    chmod -R u+w "$TMPDIR/source"
+                    cd "$TMPDIR/source"
+                    python -m pytest tests/test_nemo_automodel.py -p no:cacheprovider
                     touch "$out"
                   '';
 

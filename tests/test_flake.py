@@ -44,6 +44,8 @@ PLAYBOOKS = {
 }
 # The demo builds its own tiny model, as a user's first command would.
 BUILDS_ITS_OWN_MODEL = {"demo"}
+# Shells of other playbooks, with Python sets of their own (their tests: tests/test_nemo_flake.py).
+OTHER_PLAYBOOK_SHELLS = {"nemo-fine-tune"}
 # What each smoke check must run, besides its script on the tiny model (the data it reads, the subcommands).
 # nixpkgs' escapeShellArgs leaves words like these unquoted.
 SMOKE_NEEDLES = {
@@ -349,8 +351,8 @@ def test_devshells_export_the_playbook_scripts(shells, outputs):
         expected = {"pytorch-fine-tune", "pytorch-fine-tune-cpu", "default"}
         assert expected <= set(shells[system]), f"{system} devShells: {sorted(shells[system])}"
         for shell_name, env in shells[system].items():
-            if shell_name.startswith("llama-factory"):
-                continue  # test_llama_factory_shells
+            if shell_name.startswith("llama-factory") or shell_name in OTHER_PLAYBOOK_SHELLS:
+                continue  # test_llama_factory_shells, tests/test_nemo_flake.py
             exported = {k: v for k, v in env.items() if k.endswith("_SCRIPT")}
             assert set(exported) == {var for _, var, _ in PLAYBOOKS.values()}, (
                 f"{system}.{shell_name}: {exported}"
@@ -434,6 +436,8 @@ def test_python_set_fixes_and_cuda_presets(flake):
     )
     for system in SYSTEMS:
         for name, shell in summary[system].items():
+            if name in OTHER_PLAYBOOK_SHELLS:
+                continue
             assert "llm-finetune" in shell["packages"] and "pytest" in shell["packages"], name
             assert shell["hub"] == "1.31.0", f"{name}: datasets 5.1.0 needs huggingface-hub >= 1.31"
             assert shell["trl"] == "0.29.1", f"{name}: DPOTrainer needs trl >= 0.29 with transformers 5.5"

@@ -1,7 +1,9 @@
-"""Regenerate the CUDA wheel manifests beside this file from PyPI.
+"""Regenerate the CUDA wheel manifests beside this file (and the NeMo AutoModel set's) from PyPI.
 
     python overlays/cuda-wheels/update.py            # resolve; URLs and sha256 as PyPI publishes them
     python overlays/cuda-wheels/update.py --verify   # also download every wheel and recompute its hash
+    python overlays/cuda-wheels/update.py --set nemo [--verify]
+                                                     # playbooks/nemo-fine-tune/wheels/cp314-<system>.json
 
 For each system, pip resolves torch and bitsandbytes at the versions in constraints.txt for CPython
 3.14 on that platform, with torch's own requirements (triton and the NVIDIA CUDA 13 libraries).
@@ -11,6 +13,11 @@ with its URL, hash (SRI), size in bytes (what `nix develop` downloads), Requires
 of it), which overlays/cuda-wheels.nix turns into the package's dependencies. The pure-Python rest
 (numpy, sympy, ...) comes from nixpkgs. Needs pip and packaging (network access to PyPI); --verify
 downloads ~3.5 GB per system. Needs pip (network access to PyPI); --verify downloads ~5 GB per system.
+
+`--set nemo`: nemo-automodel at playbooks/nemo-fine-tune/constraints.txt (the versions its CPU venv is tested
+with) resolved the same way, keeping every wheel that the CUDA set's resolution (torch, bitsandbytes and their
+requirements) does not already bring: transformers, huggingface-hub, tokenizers, megatron-fsdp, quack-kernels,
+nvidia-cutlass-dsl, ... which playbooks/nemo-fine-tune/python.nix installs as wheels beside the CUDA set's torch.
 """
 
 from __future__ import annotations
@@ -37,20 +44,36 @@ PINNED = ("torch", "bitsandbytes")  # from constraints.txt; the rest follows fro
 CUDA_NAME = re.compile(r"^(torch|triton|bitsandbytes|cuda-.*|nvidia-.*)$")
 
 
-def manifest_path(system: str) -> Path:
-    return HERE / f"cp{PYTHON.replace('.', '')}-{system}.json"
+NEMO = REPO / "playbooks" / "nemo-fine-tune"
+
+
+def manifest_path(system: str, wheel_set: str = "cuda") -> Path:
+    directory = HERE if wheel_set == "cuda" else NEMO / "wheels"
+    return directory / f"cp{PYTHON.replace('.', '')}-{system}.json"
+
+
+def pins(constraints: Path) -> dict[str, str]:
+    found = {}
+    for line in constraints.read_text().splitlines():
+        m = re.fullmatch(r"([A-Za-z0-9._-]+)==(\S+)", line.strip())
+        if m:
+            found[canonicalize_name(m.group(1))] = m.group(2)
+    return found
 
 
 def pinned_requirements() -> list[str]:
-    pins = {}
-    for line in (REPO / "constraints.txt").read_text().splitlines():
-        m = re.fullmatch(r"([A-Za-z0-9._-]+)==(\S+)", line.strip())
-        if m:
-            pins[m.group(1).lower()] = m.group(2)
-    return [f"{name}=={pins[name]}" for name in PINNED]
+    found = pins(REPO / "constraints.txt")
+    return [f"{name}=={found[name]}" for name in PINNED]
 
 
-def resolve(machine: str) -> list[dict]:
+def nemo_requirements() -> list[str]:
+    """nemo-automodel and every version its CPU venv was tested with, as requirements (pip's -c cannot be
+    combined with --dry-run --target on every pip; exact pins say the same)."""
+    found = pins(NEMO / "constraints.txt")
+    return [f"{name}=={version}" for name, version in found.items()]
+
+
+def resolve(machine: str, requirements: list[str] | None = None) -> list[dict]:
     """pip's installation report for the pinned packages on manylinux `machine`, CPython 3.14."""
     # pip takes --platform tags literally: list every manylinux level a wheel may carry.
     platforms = [f"manylinux2014_{machine}"] + [f"manylinux_2_{minor}_{machine}" for minor in range(17, 40)]
@@ -70,7 +93,7 @@ def resolve(machine: str) -> list[dict]:
         command += ["--report", str(report), "--target", str(Path(tmp) / "target"), "--only-binary=:all:"]
         command += ["--python-version", PYTHON, "--implementation", "cp"]
         command += [arg for platform in platforms for arg in ("--platform", platform)]
-        subprocess.run(command + pinned_requirements(), check=True)
+        subprocess.run(command + (requirements or pinned_requirements()), check=True)
         return json.loads(report.read_text())["install"]
 
 
@@ -115,6 +138,9 @@ def dependencies(items: dict[str, dict], machine: str) -> dict[str, list[str]]:
                 for req in map(Requirement, meta.get("requires_dist") or [])
                 if req.marker is None or any(req.marker.evaluate(environment(machine, e)) for e in wanted)
             }
+            # An extra asking for other extras of the same package (mistral-common[audio] ->
+            # mistral-common[soundfile]) is no dependency.
+            - {name}
         )
     return needs
 
@@ -139,13 +165,25 @@ def published_size(url: str) -> int:
         return int(response.headers["Content-Length"])
 
 
-def manifest(system: str, verify: bool) -> dict:
+def manifest(system: str, verify: bool, wheel_set: str = "cuda") -> dict:
     wheels = {}
-    resolved = {canonicalize_name(item["metadata"]["name"]): item for item in resolve(SYSTEMS[system])}
-    needs = dependencies({name: item["metadata"] for name, item in resolved.items()}, SYSTEMS[system])
+    machine = SYSTEMS[system]
+    if wheel_set == "cuda":
+        resolved = {canonicalize_name(item["metadata"]["name"]): item for item in resolve(machine)}
+        keep = {name for name in resolved if CUDA_NAME.match(name)}
+    else:
+        resolved = {
+            canonicalize_name(item["metadata"]["name"]): item
+            for item in resolve(machine, nemo_requirements())
+        }
+        # The CUDA set's packages and the nixpkgs ones it uses (numpy, sympy, ...) stay theirs: one of each
+        # in the shell's Python.
+        cuda_set = {canonicalize_name(item["metadata"]["name"]) for item in resolve(machine)}
+        keep = set(resolved) - cuda_set
+    needs = dependencies({name: item["metadata"] for name, item in resolved.items()}, machine)
     for name, item in resolved.items():
         meta = item["metadata"]
-        if not CUDA_NAME.match(name):
+        if name not in keep:
             continue
         url = item["download_info"]["url"]
         sha256 = item["download_info"]["archive_info"]["hashes"]["sha256"]
@@ -174,10 +212,14 @@ def manifest(system: str, verify: bool) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--verify", action="store_true", help="download every wheel and recompute its sha256")
+    parser.add_argument(
+        "--set", dest="wheel_set", choices=("cuda", "nemo"), default="cuda", help="which manifests"
+    )
     args = parser.parse_args()
     for system in SYSTEMS:
-        path = manifest_path(system)
-        path.write_text(json.dumps(manifest(system, args.verify), indent=1) + "\n")
+        path = manifest_path(system, args.wheel_set)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(manifest(system, args.verify, args.wheel_set), indent=1) + "\n")
         print(f"wrote {path.relative_to(REPO)}")
 
 

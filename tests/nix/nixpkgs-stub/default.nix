@@ -215,25 +215,6 @@ let
           };
         };
 
-      fetchFromGitHub =
-        {
-          owner,
-          repo,
-          hash,
-          tag ? null,
-          rev ? null,
-          ...
-        }:
-        assert
-          (tag == null) != (rev == null) || throw "fetchFromGitHub: give exactly one of tag and rev";
-        mkFake {
-          name = "source";
-          env = {
-            inherit owner repo hash;
-            rev = if tag != null then "refs/tags/${tag}" else rev;
-          };
-        };
-
       # A fixed-output download: `url` and an SRI `hash` (or `sha256`), as nixpkgs' fetchurl.
       fetchurl =
         {
@@ -251,6 +232,30 @@ let
           env = {
             inherit url;
             outputHash = if hash != null then hash else sha256;
+          };
+        };
+
+      # nixpkgs' fetchFromGitHub: a fixed-output download of a revision's tarball, unpacked.
+      fetchFromGitHub =
+        {
+          owner,
+          repo,
+          rev ? null,
+          tag ? null,
+          hash,
+          ...
+        }:
+        assert
+          (rev != null) != (tag != null)
+          || throw "fetchFromGitHub ${owner}/${repo}: exactly one of rev and tag";
+        mkFake {
+          name = "source";
+          env = {
+            inherit owner repo;
+            rev = if tag != null then "refs/tags/${tag}" else rev;
+            url = "https://github.com/${owner}/${repo}/archive/${if rev != null then rev else tag}.tar.gz";
+            outputHash = hash;
+            outputHashMode = "recursive";
           };
         };
 
