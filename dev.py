@@ -33,6 +33,7 @@ PINS = {"flake": ROOT / "constraints.txt", "latest": ROOT / "constraints-latest.
 ENVS = {"flake": ROOT / ".venv", "latest": ROOT / ".venv-latest"}
 CANARY_ENV = ROOT / ".venv-canary"
 STAMP = "llm-finetune-pins.json"
+LAST_REPORT = "pytest-last.xml"  # the outcome of the newest `dev.py test` in that environment (JUnit XML)
 # The packages whose versions a canary verdict names: the stack the scripts are written against.
 STACK = (
     "torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "huggingface-hub",
@@ -61,9 +62,10 @@ def normalise(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def pip(python: Path, *args: str, quiet: bool = True) -> None:
-    quiet_flag = ["-q"] if quiet else []
-    command = [str(python), "-m", "pip", "install", "--disable-pip-version-check", *quiet_flag, *args]
+def pip(python: Path, *args: str) -> None:
+    # --no-compile: modules are byte-compiled when first imported, not all of them at install (half its time).
+    options = ["--disable-pip-version-check", "--no-compile", "-q"]
+    command = [str(python), "-m", "pip", "install", *options, *args]
     if subprocess.run(command, cwd=ROOT).returncode != 0:
         fail(f"`{' '.join(command[3:])}` failed (see pip's message above); nothing else was changed")
 
@@ -94,6 +96,7 @@ def ensure_env(env: Path, constraints: Path | None, extras: str, fresh: bool = F
             shutil.rmtree(env, ignore_errors=True)
             fail(f"cannot create {env}: {exc} (on Debian and Ubuntu, `apt install python3-venv` provides it)")
     stamp.unlink(missing_ok=True)  # an interrupted install must not pass for a finished one
+    (env / LAST_REPORT).unlink(missing_ok=True)  # nor a test outcome at other versions for one at these
     pins = pinned_versions(constraints or PINS["flake"])
     torch = f"torch=={pins['torch']}"
     rest = f"the pins in {constraints.name}" if constraints else "the newest releases"
@@ -129,7 +132,8 @@ def test(args: list[str]) -> int:
         fail(f"--pins {pins}: choose one of {', '.join(PINS)}")
     python = ensure_env(ENVS[pins], PINS[pins], extras="test")
     print(f"== python -m pytest {' '.join(args)} (pins: {PINS[pins].name})", flush=True)
-    return run(python, "-m", "pytest", *args)
+    (ENVS[pins] / LAST_REPORT).unlink(missing_ok=True)
+    return run(python, "-m", "pytest", f"--junitxml={ENVS[pins] / LAST_REPORT}", *args)
 
 
 def installed_versions(python: Path) -> dict[str, str]:
@@ -151,31 +155,65 @@ def junit_outcome(report: Path) -> tuple[int, list[str]]:
     return passed, failed
 
 
-def canary(args: list[str]) -> int:
-    """The smoke tests against whatever PyPI serves today. Prints one verdict line; exits 0 whatever it finds,
-    so that a new upstream release cannot fail CI: it warns, and `bump-latest` moves the pins on purpose."""
-    try:
-        python = ensure_env(CANARY_ENV, None, extras="test", fresh=True)
-    except SystemExit:
-        print("canary: could not install the newest releases (see pip's message above)")
-        return 0
-    versions = installed_versions(python)
-    latest = pinned_versions(PINS["latest"])
-    moved = [f"{n} {versions[n]}" for n in STACK if n in versions and latest.get(n) != versions[n]]
-    # pytest's own output goes to a log: the verdict line is what the canary says, so that a failure here can
-    # never read as the run's failure.
-    report, log = CANARY_ENV / "junit.xml", CANARY_ENV / "pytest.log"
+def resolve_newest(*args: str) -> dict[str, str]:
+    """{name: version} of this project's dependencies and test tools at their newest releases, torch at its pin:
+    what pip would install into an empty environment today. Installs nothing."""
+    torch = f"torch=={pinned_versions(PINS['flake'])['torch']}"
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "report.json"
+        pip(
+            Path(sys.executable), "--dry-run", "--ignore-installed", "--report", str(report),
+            torch, f"{ROOT}[test]", *args,
+        )  # fmt: skip
+        resolved = json.loads(report.read_text())["install"]
+    versions = {normalise(i["metadata"]["name"]): i["metadata"]["version"].split("+")[0] for i in resolved}
+    return {n: v for n, v in sorted(versions.items()) if n not in UNPINNED}
+
+
+def smoke_verdict(python: Path, env: Path, args: list[str]) -> tuple[int, list[str], Path]:
+    """Run the smoke tests with pytest's output in a log: the verdict line is what the canary says, so that a
+    failure here can never read as the run's failure."""
+    report, log = env / "canary.xml", env / "canary.log"
     with log.open("w") as out:
         command = [str(python), "-m", "pytest", "-m", "smoke", "-rf", f"--junitxml={report}", *args]
         subprocess.run(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     passed, failed = junit_outcome(report) if report.exists() else (0, [f"pytest (no report; see {log})"])
+    return passed, failed, log
+
+
+def canary(args: list[str]) -> int:
+    """The smoke tests against whatever PyPI serves today. Prints one verdict line and exits 0 whatever it finds,
+    so that a new upstream release cannot fail CI: it warns, and `bump-latest` moves the pins on purpose."""
+    try:
+        newest = resolve_newest()
+    except SystemExit:
+        print("canary: could not resolve the newest releases (see pip's message above)")
+        return 0
+    latest = pinned_versions(PINS["latest"])
+    moved = [f"{n} {v}" for n, v in newest.items() if latest.get(n) != v]
+    if not moved:
+        # Today's newest releases are constraints-latest.txt's: its pass is the canary's, when it has run.
+        last = ENVS["latest"] / LAST_REPORT
+        passed, failed = junit_outcome(last) if last.exists() else (0, [str(last)])
+        if not failed:
+            print(f"canary: {passed} passed (today's newest releases are {PINS['latest'].name}'s)")
+            return 0
+        env, python = ENVS["latest"], ensure_env(ENVS["latest"], PINS["latest"], extras="test")
+    else:
+        try:
+            env, python = CANARY_ENV, ensure_env(CANARY_ENV, None, extras="test", fresh=True)
+        except SystemExit:
+            print("canary: could not install the newest releases (see pip's message above)")
+            return 0
+    passed, failed, log = smoke_verdict(python, env, args)
     newer = f" (newer than {PINS['latest'].name}: {', '.join(moved)})" if moved else ""
     if failed:
+        versions = installed_versions(python)
         stack = ", ".join(f"{n} {versions[n]}" for n in STACK if n in versions)
         more = f" and {len(failed) - 1} more" if len(failed) > 1 else ""
         errors = [line for line in log.read_text().splitlines() if line.startswith("E ")]
         print("\n".join(errors[-15:]) + f"\n(the whole output: {log})")
-        print(f"canary: FAILED {failed[0]}{more} with {stack}")
+        print(f"canary: FAILED {failed[0]}{more} with {stack}{newer}")
     else:
         print(f"canary: {passed} passed{newer}")
     return 0
@@ -184,18 +222,7 @@ def canary(args: list[str]) -> int:
 def bump_latest(args: list[str]) -> int:
     """Resolve this project's dependencies and test tools at their newest releases (torch stays at its pin) and
     write every resolved version to constraints-latest.txt, with the changes since the last bump at its top."""
-    torch = f"torch=={pinned_versions(PINS['flake'])['torch']}"
-    with tempfile.TemporaryDirectory() as tmp:
-        report = Path(tmp) / "report.json"
-        pip(
-            Path(sys.executable), "--dry-run", "--ignore-installed", "--report", str(report),
-            "--upgrade-strategy", "eager", torch, f"{ROOT}[test]", *args,
-        )  # fmt: skip
-        resolved = {
-            normalise(item["metadata"]["name"]): item["metadata"]["version"]
-            for item in json.loads(report.read_text())["install"]
-        }
-    resolved = {n: v.split("+")[0] for n, v in sorted(resolved.items()) if n not in UNPINNED}
+    resolved = resolve_newest(*args)
     before = pinned_versions(PINS["latest"]) if PINS["latest"].exists() else {}
     changes = [f"{n} {before.get(n, '(new)')} -> {v}" for n, v in resolved.items() if before.get(n) != v]
     changes += [f"{n} {v} -> (dropped)" for n, v in before.items() if n not in resolved]
