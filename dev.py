@@ -2,7 +2,7 @@
 """Set up a local environment and run the demo, the tests or the canary, without Nix. Needs only Python >= 3.11.
 
     python3 dev.py demo [ARGS]        # .venv at constraints.txt, then scripts/demo.py (the tiny model, offline)
-    python3 dev.py test [ARGS]        # the same .venv plus the test tools, then python -m pytest ARGS
+    python3 dev.py test [ARGS]        # the same .venv, then python -m pytest ARGS
     python3 dev.py test --pins latest [ARGS]
                                       # .venv-latest at constraints-latest.txt (the newest releases tested)
     python3 dev.py canary [ARGS]      # the newest releases, unpinned: smoke tests, one verdict line, never fails
@@ -109,8 +109,8 @@ def ensure_env(env: Path, constraints: Path | None, extras: str, fresh: bool = F
     return python
 
 
-def run(python: Path, *args: str, env: dict | None = None) -> int:
-    return subprocess.run([str(python), *args], cwd=ROOT, env=env).returncode
+def run(python: Path, *args: str) -> int:
+    return subprocess.run([str(python), *args], cwd=ROOT).returncode
 
 
 def pins_flag(args: list[str]) -> tuple[str, list[str]]:
@@ -122,7 +122,8 @@ def pins_flag(args: list[str]) -> tuple[str, list[str]]:
 
 
 def demo(args: list[str]) -> int:
-    python = ensure_env(ENVS["flake"], PINS["flake"], extras="")
+    # With the test tools too: one .venv serves `demo` and `test` without reinstalling between them.
+    python = ensure_env(ENVS["flake"], PINS["flake"], extras="test")
     return run(python, "scripts/demo.py", *args)
 
 
