@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
+from .attention import flat_rows
 from .config import TrainConfig
 from .data import IGNORE_INDEX, Collator, PreparedData, real_tokens
 from .errors import EXIT_SIGINT, EXIT_SIGTERM, Interrupted
@@ -289,7 +290,9 @@ def train(
         args=training_arguments(cfg, place, Path(cfg.output_dir).expanduser()),
         train_dataset=data.train,
         eval_dataset=data.eval or None,
-        data_collator=Collator(tokenizer.pad_token_id, cfg.packing),
+        data_collator=Collator(
+            tokenizer.pad_token_id, cfg.packing, cfg.seq_length, flat_rows(cfg.attn_implementation)
+        ),
         processing_class=tokenizer,
     )
     return run_training(trainer, cfg, tokenizer, place, resume_from, plan)
