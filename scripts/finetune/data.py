@@ -433,6 +433,13 @@ def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
+def token_batches(examples: list[dict], budget: int) -> list[list[dict]]:
+    """Micro-batches of at most `budget` tokens each (best-fit decreasing), for --batch_tokens; the Trainer
+    draws them one at a time, in a new random order each epoch."""
+    groups = pack_rows([len(e["input_ids"]) for e in examples], budget)
+    return [[examples[i] for i in group] for group in groups]
+
+
 @dataclass
 class Collator:
     """Builds batches either packed (padding-free, per-example position ids) or right-padded.
@@ -447,7 +454,11 @@ class Collator:
     row_length: int | None = None
     flat: bool = False
 
-    def __call__(self, features: list[dict]) -> dict:
+    def __call__(self, features: list) -> dict:
+        if features and isinstance(
+            features[0], list
+        ):  # micro-batches from token_batches, drawn one at a time
+            features = [f for group in features for f in group]
         if self.packing:
             # Position ids restarting at 0 tell the attention where each example begins, so packed examples
             # never attend to each other.
