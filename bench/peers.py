@@ -200,7 +200,7 @@ def run_ours(model: Path, data: Path, out: Path, extra: list[str]) -> dict:
         data / "alpaca.jsonl",
         "--output_dir",
         target,
-        "--overwrite",
+        "--overwrite_output_dir",
         "--dtype",
         "float32",
     ]

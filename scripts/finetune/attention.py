@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 PACKED_SDPA = "packed_sdpa"
@@ -73,14 +73,15 @@ def packed_sdpa_forward(
             is_causal=is_causal,
             **kwargs,
         )
-    groups = getattr(module, "num_key_value_groups", 1)
-    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    # Grouped-query attention inside the kernel (CPU and CUDA, torch >= 2.5): no copies of k and v per query
+    # head kept for the backward pass.
+    groups = query.shape[1] // key.shape[1]
     rows = []
     for b, pieces in enumerate(segments(position_ids.expand(query.shape[0], -1))):
         outputs = []
         for start, end, single in pieces:
             if single:  # each token attends to itself only, so its output is its value
-                outputs.append(value[b, :, start:end])
+                outputs.append(value[b, :, start:end].repeat_interleave(groups, dim=0))
                 continue
             outputs.append(
                 torch.nn.functional.scaled_dot_product_attention(
@@ -90,6 +91,7 @@ def packed_sdpa_forward(
                     dropout_p=dropout,
                     scale=scaling,
                     is_causal=True,
+                    enable_gqa=groups > 1,
                 )[0]
             )
         rows.append(torch.cat(outputs, dim=1))
