@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from .allocator import return_freed_memory
 from .config import TrainConfig, parse_config
 from .data import PreparedData, pack_rows, prepare_data
 from .errors import run_cli
@@ -97,6 +98,8 @@ def plan_then_train(cfg: TrainConfig, model_config, data: PreparedData, train_ru
         return None
     enforce(memory, cfg)  # before anything is written or loaded
     resume_from = prepare_output_dir(cfg)
+    if place.device == "cpu":
+        return_freed_memory()
     metrics = train_run(place, resume_from, plan)
     if is_main_process():
         print("\n".join(filter(None, [summary_table(metrics), extra(metrics)])), flush=True)
