@@ -224,8 +224,12 @@ def run_llama_factory(venv: Path, model: Path, data: Path, out: Path, tokens: in
         "gradient_accumulation_steps": 1, "learning_rate": 1.0e-4, "num_train_epochs": 1.0,
         "lr_scheduler_type": "linear", "bf16": False, "report_to": "none", "seed": 42,
     }  # fmt: skip
-    config = out / "llama-factory.json"
-    config.write_text(json.dumps(settings))
+    import yaml
+
+    config = (
+        out / "llama-factory.yaml"
+    )  # llamafactory-cli reads .json configs wrongly in 0.9.5 (json.load(Path))
+    config.write_text(yaml.safe_dump(settings))
     env = {**os.environ, "DISABLE_VERSION_CHECK": "1", "HF_HUB_OFFLINE": "1"}
     _, peak = measured([venv / "bin" / "llamafactory-cli", "train", config], out, env)
     result = json.loads((target / "train_results.json").read_text())
