@@ -236,9 +236,15 @@ def run_llama_factory(venv: Path, model: Path, data: Path, out: Path, tokens: in
     return {"seconds": result["train_runtime"], "tokens": tokens, "peak": peak, "loss": result["train_loss"]}
 
 
-# Runs NVIDIA's script unchanged, with load_dataset("tatsu-lab/alpaca") answered from the local rows.
+# Runs NVIDIA's script unchanged, with load_dataset("tatsu-lab/alpaca") answered from the local rows and, without
+# a GPU, SFTConfig told to use the CPU in float32 (TRL's configs default to bf16 and refuse the CPU otherwise).
 NVIDIA_RUNNER = """
-import runpy, sys, datasets
+import runpy, sys, datasets, torch, trl
+if not torch.cuda.is_available():
+    class CPUConfig(trl.SFTConfig):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{"use_cpu": True, "bf16": False, **kwargs})
+    trl.SFTConfig = CPUConfig
 rows = sys.argv.pop(1)
 load = datasets.load_dataset
 datasets.load_dataset = lambda name, *a, **k: (
