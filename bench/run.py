@@ -56,10 +56,11 @@ def batch_counts(inputs: dict) -> dict:
     """Real tokens, samples, tokens with loss and causal attention pairs of one collated micro-batch."""
     if "attention_mask" in inputs:
         lengths = inputs["attention_mask"].sum(-1).tolist()
-    else:  # packed: each example's positions start at 0
-        positions = inputs["position_ids"][0]
-        starts = (positions == 0).nonzero().flatten().tolist() + [positions.numel()]
-        lengths = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    else:  # packed rows: each example's positions start at 0; padding is one-token pieces
+        from finetune.attention import segments
+
+        pieces = segments(inputs["position_ids"])
+        lengths = [end - start for row in pieces for start, end, single in row if not single]
     return {
         "tokens": int(sum(lengths)),
         "samples": len(lengths),

@@ -90,6 +90,31 @@ def test_dry_run_prints_the_plan_and_writes_nothing(capsys, tiny_model, tmp_path
     assert not out.exists()
 
 
+def test_batch_tokens_fills_micro_batches_with_tokens(capsys, tiny_model, tmp_path):
+    """--batch_tokens: every example once per epoch, in micro-batches of at most that many real tokens, and the
+    plan's step count is the one the Trainer takes."""
+    import finetune.train
+
+    budgets = []
+    count = finetune.train.MeasuredTrainer.count_tokens
+    out = tmp_path / "out"
+    args = ["--model_name", tiny_model, "--dataset", DATA / "alpaca.jsonl", "--output_dir", out, *FAST]
+    args += ["--batch_tokens", "512", "--eval_split", "0", "--num_epochs", "1"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            finetune.train.MeasuredTrainer,
+            "count_tokens",
+            lambda self, inputs: budgets.append(count(self, inputs)) or budgets[-1],
+        )
+        main([str(a) for a in args], prog="test", description="test", defaults=llama3_8b_lora.DEFAULTS)
+    plan = capsys.readouterr().out
+    metrics = read_metrics(out)
+    assert "micro-batches of up to 512 tokens" in plan
+    assert f"{metrics['global_step']} optimizer steps" in plan and metrics["global_step"] == len(budgets)
+    assert all(tokens <= 512 for tokens, _ in budgets) and sum(n for _, n in budgets) == 48
+    assert len(budgets) < 48 / 4, "fewer, fuller micro-batches than --batch_size 4 makes"
+
+
 def test_torchrun_two_processes_on_cpu(tiny_model, tmp_path):
     out = tmp_path / "ddp"
     result = subprocess.run(

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from conftest import DATA
+from finetune.attention import PACKED_SDPA, segments
 from finetune.config import TrainConfig
 from finetune.data import (
     IGNORE_INDEX,
@@ -15,6 +16,7 @@ from finetune.data import (
     build_examples,
     detect_format,
     load_rows,
+    pack_rows,
     prepare_data,
     real_tokens,
     render,
@@ -162,20 +164,80 @@ def test_packed_batches_restart_positions_and_mask_boundaries():
     assert real_tokens(padded) == (5, 2)
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_packed_examples_do_not_attend_to_each_other(tiny_model, tokenizer, attention):
-    """Padding-free packing is exact: each packed example gets the logits and loss it gets on its own."""
+def test_rows_are_packed_best_fit_decreasing_within_the_row_length():
+    lengths = [5, 3, 4, 2, 6, 1, 9]
+    rows = pack_rows(lengths, 10)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in row) <= 10 for row in rows)
+    assert len(rows) == 3  # 30 tokens in rows of 10: no space left over
+    assert pack_rows([12, 3], 10) == [[0], [1]]  # longer than a row: a row of its own
+
+
+def test_packed_rows_pad_with_one_token_pieces():
+    features = [
+        {"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
+        {"input_ids": [8, 9], "labels": [-100, 9]},
+        {"input_ids": [1, 2, 3, 4], "labels": [-100, 2, 3, 4]},
+    ]
+    rows = Collator(pad_token_id=0, packing=True, row_length=5)(features)
+    assert rows["position_ids"].tolist() == [[0, 1, 2, 3, 0], [0, 1, 2, 0, 1]]
+    assert rows["input_ids"].tolist() == [[1, 2, 3, 4, 0], [5, 6, 7, 8, 9]]
+    assert rows["labels"][0, -1] == IGNORE_INDEX
+    assert real_tokens(rows) == (9, 3)
+    assert segments(rows["position_ids"]) == [[(0, 4, False), (4, 5, True)], [(0, 3, False), (3, 5, False)]]
+    flat = Collator(pad_token_id=0, packing=True, row_length=5, flat=True)(features)
+    assert flat["input_ids"].shape == (1, 9) and real_tokens(flat) == (9, 3)
+
+
+@pytest.mark.parametrize(("attention", "row_length"), [("sdpa", None), ("eager", 128), (PACKED_SDPA, 96)])
+def test_packed_examples_do_not_attend_to_each_other(tiny_model, tokenizer, attention, row_length):
+    """Packing is exact: each packed example gets the logits it gets on its own, and the loss is the padded
+    batch's, whether the examples share one row or several rows of at most `row_length` tokens."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=attention).eval()
-    rows = load_rows(str(DATA / "alpaca.jsonl"))[:3]
+    rows = load_rows(str(DATA / "alpaca.jsonl"))[:6]
     examples, _ = build_examples(rows, "alpaca", tokenizer, _config())
-    packed = Collator(tokenizer.pad_token_id, packing=True)(examples)
+    packed = Collator(tokenizer.pad_token_id, packing=True, row_length=row_length)(examples)
     padded = Collator(tokenizer.pad_token_id, packing=False)(examples)
+    if row_length:
+        assert packed["input_ids"].shape[0] > 1 and packed["input_ids"].shape[1] <= max(
+            row_length, max(len(e["input_ids"]) for e in examples)
+        )
     with torch.no_grad():  # use_cache=False as in training: with a KV cache transformers cannot unpack
         packed_out = model(**packed, use_cache=False)
         padded_out = model(**padded, use_cache=False)
-        alone = [model(torch.tensor([e["input_ids"]]), use_cache=False).logits[0] for e in examples]
-    torch.testing.assert_close(packed_out.logits[0], torch.cat(alone), atol=1e-4, rtol=1e-4)
+        alone = {
+            tuple(e["input_ids"]): model(torch.tensor([e["input_ids"]]), use_cache=False).logits[0]
+            for e in examples
+        }
+    for row, positions, logits in zip(
+        packed["input_ids"], packed["position_ids"], packed_out.logits, strict=True
+    ):
+        for start, end, single in segments(positions[None])[0]:
+            if not single:
+                torch.testing.assert_close(
+                    logits[start:end], alone[tuple(row[start:end].tolist())], atol=1e-4, rtol=1e-4
+                )
     torch.testing.assert_close(packed_out.loss, padded_out.loss, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_sdpa_materialises_no_mask(tiny_model, tokenizer, monkeypatch):
+    """The packed attention builds no L x L mask (transformers' sdpa does, for packed rows) and hands padded
+    batches to transformers' SDPA with their mask."""
+    import transformers.masking_utils as masking
+
+    built = []
+    original = masking.sdpa_mask
+    monkeypatch.setattr(masking, "sdpa_mask", lambda *a, **k: built.append(k) or original(*a, **k))
+    import finetune.attention as attention
+
+    monkeypatch.setattr(attention, "sdpa_mask", masking.sdpa_mask)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=PACKED_SDPA).eval()
+    examples, _ = build_examples(load_rows(str(DATA / "alpaca.jsonl"))[:4], "alpaca", tokenizer, _config())
+    with torch.no_grad():
+        model(**Collator(tokenizer.pad_token_id, packing=True, row_length=128)(examples), use_cache=False)
+        assert built == []
+        model(**Collator(tokenizer.pad_token_id, packing=False)(examples), use_cache=False)
+    assert len(built) == 1 and built[0]["attention_mask"] is not None
 
 
 def test_separate_eval_dataset_replaces_the_split(tokenizer):

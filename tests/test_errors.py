@@ -141,11 +141,20 @@ def test_qlora_without_working_bitsandbytes(capsys, monkeypatch, base_args):
         ("--batch_size", "0", "--batch_size 0"),
         ("--dtype", "float8", "--dtype 'float8'"),
         ("--max_steps", "0", "--max_steps 0"),
+        ("--batch_tokens", "-1", "--batch_tokens -1"),
+        ("--batch_tokens", "100", "must be at least --seq_length"),
     ],
 )
 def test_bad_flag_values(capsys, base_args, flag, value, expected):
     code, err = run_main(capsys, *base_args, "--dataset", DATA / "alpaca.jsonl", flag, value)
     assert_one_line_error(code, err, expected)
+
+
+def test_batch_tokens_needs_packing(capsys, base_args):
+    code, err = run_main(
+        capsys, *base_args, "--dataset", DATA / "alpaca.jsonl", "--batch_tokens", "4096", "--no_packing"
+    )
+    assert_one_line_error(code, err, "--batch_tokens 4096", "--no_packing")
 
 
 def test_malformed_flag_value_is_an_argparse_error(capsys, base_args):

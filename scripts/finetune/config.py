@@ -83,7 +83,8 @@ class TrainConfig:
     )
     seq_length: int = option("maximum tokens per example; longer examples are truncated", default=2048)
     packing: bool = option(
-        "padding-free packing: each batch is one sequence with per-example positions", default=True
+        "padding-free packing: examples share rows of --seq_length tokens, positions restart per example",
+        default=True,
     )
     train_on_prompt: bool = option(
         "compute the loss on prompt tokens too (default: responses only)", default=False
@@ -91,6 +92,11 @@ class TrainConfig:
 
     # Optimisation
     batch_size: int = option("examples per device per step", default=8)
+    batch_tokens: int = option(
+        "fill each micro-batch with up to this many real tokens (rows of --seq_length) instead of "
+        "--batch_size examples; 0 = off",
+        default=0,
+    )
     gradient_accumulation_steps: int = option("micro-batches accumulated into one optimizer step", default=1)
     learning_rate: float = option("peak learning rate", default=1e-4)
     lr_scheduler_type: str = option("learning-rate schedule (transformers' names)", default="linear")
@@ -370,6 +376,12 @@ def validate(cfg: TrainConfig) -> None:
             raise bad(name, "must be at least 1")
     if cfg.max_nan_steps < 0:
         raise bad("max_nan_steps", "must not be negative")
+    if cfg.batch_tokens < 0:
+        raise bad("batch_tokens", "must not be negative (0 = --batch_size examples per micro-batch)")
+    if cfg.batch_tokens and cfg.batch_tokens < cfg.seq_length:
+        raise bad("batch_tokens", f"must be at least --seq_length {cfg.seq_length}, so a full row fits")
+    if cfg.batch_tokens and not cfg.packing:
+        raise bad("batch_tokens", "fills packed rows; it cannot be used with --no_packing")
     if cfg.save_total_limit < 1:
         raise bad("save_total_limit", "must be at least 1")
     if not (cfg.learning_rate > 0 and math.isfinite(cfg.learning_rate)):
@@ -413,6 +425,7 @@ def validate(cfg: TrainConfig) -> None:
                 ("load_best_model_at_end", cfg.load_best_model_at_end),
                 ("early_stopping_patience", cfg.early_stopping_patience),
                 ("max_nan_steps", cfg.max_nan_steps),
+                ("batch_tokens", cfg.batch_tokens),
             )
             if on
         ]

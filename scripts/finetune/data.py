@@ -416,21 +416,67 @@ def prepare_data(
 # ---------------------------------------------------------------------------------------------------- batches
 
 
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Indices of examples grouped into rows of at most `capacity` tokens, best-fit decreasing: each example,
+    longest first, goes into the fullest row it still fits in (an example longer than `capacity` gets its own)."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        fits = [r for r in range(len(rows)) if room[r] >= lengths[index]]
+        if fits:
+            best = min(fits, key=lambda r: room[r])
+            rows[best].append(index)
+            room[best] -= lengths[index]
+        else:
+            rows.append([index])
+            room.append(capacity - lengths[index])
+    return rows
+
+
+def token_batches(examples: list[dict], budget: int) -> list[list[dict]]:
+    """Micro-batches of at most `budget` tokens each (best-fit decreasing), for --batch_tokens; the Trainer
+    draws them one at a time, in a new random order each epoch."""
+    groups = pack_rows([len(e["input_ids"]) for e in examples], budget)
+    return [[examples[i] for i in group] for group in groups]
+
+
 @dataclass
 class Collator:
-    """Builds batches either padding-free (one row, per-example position ids) or right-padded."""
+    """Builds batches either packed (padding-free, per-example position ids) or right-padded.
+
+    Packed examples go into rows of at most `row_length` tokens (one row when it is None, or when `flat`: the
+    flash-attention kernels read the examples' boundaries from the position ids of a single row). The last
+    rows are filled up with padding tokens, each at position 0 with no label, so each attends only to itself
+    and none to an example (see finetune.attention)."""
 
     pad_token_id: int
     packing: bool
+    row_length: int | None = None
+    flat: bool = False
 
-    def __call__(self, features: list[dict]) -> dict:
+    def __call__(self, features: list) -> dict:
+        if features and isinstance(
+            features[0], list
+        ):  # micro-batches from token_batches, drawn one at a time
+            features = [f for group in features for f in group]
         if self.packing:
-            # Position ids restarting at 0 tell the attention mask where each example begins, so packed
-            # examples never attend to each other (transformers builds a block-diagonal causal mask).
+            # Position ids restarting at 0 tell the attention where each example begins, so packed examples
+            # never attend to each other.
+            lengths = [len(f["input_ids"]) for f in features]
+            groups = pack_rows(lengths, self.row_length) if self.row_length else [list(range(len(features)))]
+            if self.flat:
+                groups = [[i for group in groups for i in group]]
+            width = max(sum(lengths[i] for i in group) for group in groups)
+            ids, labels, positions = [], [], []
+            for group in groups:
+                fill = width - sum(lengths[i] for i in group)
+                ids.append([t for i in group for t in features[i]["input_ids"]] + [self.pad_token_id] * fill)
+                labels.append([t for i in group for t in features[i]["labels"]] + [IGNORE_INDEX] * fill)
+                positions.append([p for i in group for p in range(lengths[i])] + [0] * fill)
             return {
-                "input_ids": torch.tensor([[t for f in features for t in f["input_ids"]]]),
-                "labels": torch.tensor([[t for f in features for t in f["labels"]]]),
-                "position_ids": torch.tensor([[i for f in features for i in range(len(f["input_ids"]))]]),
+                "input_ids": torch.tensor(ids),
+                "labels": torch.tensor(labels),
+                "position_ids": torch.tensor(positions),
             }
         width = max(len(f["input_ids"]) for f in features)
 
@@ -445,7 +491,12 @@ class Collator:
 
 
 def real_tokens(batch: dict) -> tuple[int, int]:
-    """(non-padding tokens, examples) in a collated batch."""
+    """(non-padding tokens, examples) in a collated batch. In packed rows a padding token is a piece of one
+    token (position 0, the next not 1); no example is one token long, as its only label is masked."""
     if "attention_mask" in batch:
         return int(batch["attention_mask"].sum()), int(batch["input_ids"].shape[0])
-    return int(batch["input_ids"].numel()), int((batch["position_ids"] == 0).sum())
+    positions = batch["position_ids"]
+    starts = positions == 0
+    continued = torch.nn.functional.pad(positions[:, 1:] == 1, (0, 1), value=False)
+    padding = int((starts & ~continued).sum())
+    return int(positions.numel()) - padding, int(starts.sum()) - padding

@@ -62,6 +62,7 @@ class DPOConfig(TrainConfig):
     )
     # A pair is two sequences with a common prompt, and only the answers are scored: no packing, no prompt loss.
     packing: bool = field(default=False, metadata={"flag": False})
+    batch_tokens: int = field(default=0, metadata={"flag": False})
     train_on_prompt: bool = field(default=False, metadata={"flag": False})
 
     beta: float = option(

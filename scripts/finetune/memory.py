@@ -134,7 +134,10 @@ def estimate_peak(
     vocab = text_config.vocab_size
     width = _dtype_bytes(dtype)
     loss_tokens = micro_batch_tokens if loss_tokens is None else loss_tokens
-    row_tokens = micro_batch_tokens if cfg.packing else micro_batch_tokens // cfg.batch_size
+    if cfg.packing:  # packed_sdpa and the flash kernels build no mask; eager one per row of <= --seq_length
+        row_tokens = min(micro_batch_tokens, cfg.seq_length) if cfg.attn_implementation == "eager" else 0
+    else:
+        row_tokens = micro_batch_tokens // cfg.batch_size
 
     embeddings = vocab * hidden * (1 if getattr(text_config, "tie_word_embeddings", False) else 2)
     if cfg.method == "qlora" or getattr(model_config, "quantization_config", None) is not None:
@@ -155,7 +158,7 @@ def estimate_peak(
         activations = micro_batch_tokens * (layers * hidden * width + per_layer)
     else:
         activations = micro_batch_tokens * layers * per_layer
-    # The final norm (fp32) and the lm_head input; the boolean attention mask, one byte per query-key pair.
+    # The final norm (fp32) and the lm_head input; a boolean attention mask, one byte per query-key pair.
     activations += micro_batch_tokens * 2 * 4 * hidden + loss_tokens * hidden * width
     activations += micro_batch_tokens * row_tokens
 
@@ -172,9 +175,11 @@ def estimate_peak(
 
 
 def micro_batch_tokens(
-    lengths: list[int], batch_size: int, packing: bool, examples: int | None = None
+    lengths: list[int], batch_size: int, packing: bool, examples: int | None = None, batch_tokens: int = 0
 ) -> int:
     """Tokens (padding included) in the largest micro-batch the run will meet.
+
+    With `batch_tokens` (--batch_tokens), the largest of the fixed micro-batches data.token_batches makes.
 
     With `examples`, the number of examples the run draws (in a random order, each epoch a new one, as the
     Trainer's sampler does), the largest micro-batch met in the worst of `SIMULATED_RUNS` simulated runs; the
@@ -182,6 +187,10 @@ def micro_batch_tokens(
     """
     if not lengths:
         return 0
+    if batch_tokens:
+        from .data import pack_rows
+
+        return max(sum(lengths[i] for i in group) for group in pack_rows(lengths, batch_tokens))
     if examples is None:
         longest = sorted(lengths, reverse=True)[:batch_size]
         return sum(longest) if packing else max(longest) * batch_size
@@ -254,7 +263,7 @@ def _estimate_run(
     cfg, model_config, stats, place, total_params, trainable_params, examples
 ) -> MemoryEstimate:
     lengths = [min(n, cfg.seq_length) for n in stats.lengths]
-    tokens = micro_batch_tokens(lengths, cfg.batch_size, cfg.packing, examples)
+    tokens = micro_batch_tokens(lengths, cfg.batch_size, cfg.packing, examples, cfg.batch_tokens)
     # Logits are computed only where loss is (see train.loss_positions_only); in a padded batch, at every
     # position where any row has loss, which is most of the batch.
     loss_share = stats.trainable_tokens / max(stats.tokens, 1) if cfg.packing else 1.0

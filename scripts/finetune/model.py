@@ -229,7 +229,12 @@ def load_base(cfg: TrainConfig, model_config, place: Placement, name: str = "", 
     from transformers import AutoModelForCausalLM
 
     name = name or cfg.model_name
-    kwargs = {"dtype": place.dtype, "attn_implementation": cfg.attn_implementation}
+    from .attention import training_attention
+
+    kwargs = {
+        "dtype": place.dtype,
+        "attn_implementation": training_attention(cfg.attn_implementation, cfg.packing),
+    }
     four_bit = cfg.method == "qlora" or is_prequantized(model_config)
     if four_bit:
         check_bitsandbytes(place.device)

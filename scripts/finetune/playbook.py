@@ -6,8 +6,9 @@ import contextlib
 import math
 from pathlib import Path
 
+from .allocator import return_freed_memory
 from .config import TrainConfig, parse_config
-from .data import PreparedData, prepare_data
+from .data import PreparedData, pack_rows, prepare_data
 from .diskspace import check_disk, enforce_disk
 from .errors import run_cli
 from .evaluation import describe as describe_evaluation
@@ -23,21 +24,29 @@ from .strategies import describe_export, describe_strategy, run_export
 from .train import train, world_size
 
 
-def optimizer_steps(cfg: TrainConfig, train_examples: int) -> int:
-    """The number of optimizer steps the Trainer will take, computed the way it does."""
+def optimizer_steps(cfg: TrainConfig, train_examples: int, micro_batches: int = 0) -> int:
+    """The number of optimizer steps the Trainer will take, computed the way it does. `micro_batches`: how many
+    --batch_tokens micro-batches the data makes (the Trainer draws them one at a time)."""
     if cfg.max_steps > 0:
         return cfg.max_steps
-    batches = math.ceil(train_examples / (cfg.batch_size * world_size()))
+    if micro_batches:
+        batches = math.ceil(micro_batches / world_size())
+    else:
+        batches = math.ceil(train_examples / (cfg.batch_size * world_size()))
     per_epoch = max(batches // cfg.gradient_accumulation_steps, 1)
     return math.ceil(cfg.num_epochs * per_epoch)
 
 
 def make_plan(cfg: TrainConfig, model_config, data: PreparedData, place: Placement) -> dict:
     total, trainable = count_parameters(cfg, model_config)
-    steps = optimizer_steps(cfg, len(data.train))
+    lengths = data.train_stats.lengths
+    micro_batches = len(pack_rows(lengths, cfg.batch_tokens)) if cfg.batch_tokens else 0
+    steps = optimizer_steps(cfg, len(data.train), micro_batches)
     per_step = cfg.batch_size * cfg.gradient_accumulation_steps * world_size()
+    if micro_batches:  # on average: the examples are fixed, their grouping into micro-batches too
+        per_step = round(len(data.train) / micro_batches * cfg.gradient_accumulation_steps * world_size(), 1)
     examples = steps * per_step  # the examples the run draws; its largest micro-batch is among them
-    batch_tokens = micro_batch_tokens(data.train_stats.lengths, cfg.batch_size, cfg.packing, examples)
+    batch_tokens = micro_batch_tokens(lengths, cfg.batch_size, cfg.packing, examples, cfg.batch_tokens)
     estimate = estimate_run(cfg, model_config, data.train_stats, place, total, trainable, examples)
     stats = data.train_stats
     return {
@@ -60,6 +69,7 @@ def make_plan(cfg: TrainConfig, model_config, data: PreparedData, place: Placeme
         "steps": steps,
         "examples_per_step": per_step,
         "packing": cfg.packing,
+        "batch_tokens": cfg.batch_tokens,
         "micro_batch_tokens": batch_tokens,
         "memory_estimate": estimate.as_dict(),
         "output_dir": cfg.output_dir,
@@ -97,6 +107,8 @@ def plan_then_train(cfg: TrainConfig, model_config, data: PreparedData, train_ru
     with run_lock(out) if is_main_process() else contextlib.nullcontext():  # one run per directory
         resume_from = prepare_output_dir(cfg)
         enforce_disk(check_disk(cfg, plan, place.dtype.itemsize, out / CHECKPOINTS), cfg)
+        if place.device == "cpu":
+            return_freed_memory()
         try:
             metrics = train_run(place, resume_from, plan)
         except OutOfMemoryMidRun as exc:

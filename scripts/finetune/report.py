@@ -125,8 +125,10 @@ def plan_text(plan: dict) -> str:
         f"{plan['train_tokens']:,} tokens ({plan['trainable_tokens']:,} with loss), "
         f"{plan['eval_examples']} eval examples",
         f"dropped/truncated {plan['dropped']} / {plan['truncated']} examples at --seq_length {plan['seq_length']}",
-        f"steps            {plan['steps']} optimizer steps of {plan['examples_per_step']} examples "
-        f"({'packed' if plan['packing'] else 'padded'}, largest micro-batch {plan['micro_batch_tokens']:,} tokens)",
+        f"steps            {plan['steps']} optimizer steps of {'~' if plan.get('batch_tokens') else ''}"
+        f"{plan['examples_per_step']} examples ({'packed' if plan['packing'] else 'padded'}, "
+        + (f"micro-batches of up to {plan['batch_tokens']:,} tokens, " if plan.get("batch_tokens") else "")
+        + f"largest micro-batch {plan['micro_batch_tokens']:,} tokens)",
         f"peak memory      ~{human_bytes(estimate['total'])} estimated (weights {human_bytes(estimate['weights'])}, "
         f"optimizer+grads {human_bytes(estimate['trainable_state'])}, activations "
         f"{human_bytes(estimate['activations'])}, logits {human_bytes(estimate['logits'])}, "

@@ -12,8 +12,9 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from . import checkpoints
+from .attention import flat_rows
 from .config import TrainConfig
-from .data import IGNORE_INDEX, Collator, PreparedData, real_tokens
+from .data import IGNORE_INDEX, Collator, PreparedData, real_tokens, token_batches
 from .errors import EXIT_SIGINT, EXIT_SIGTERM, Interrupted
 from .evaluation import EvalTracker, eval_arguments
 from .guards import NonFiniteLossGuard, close_progress_bar, train_or_save_on_oom
@@ -164,7 +165,7 @@ def training_arguments(cfg: TrainConfig, place: Placement, out: Path) -> Trainin
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(cfg.log_dir or out / "logs").expanduser())
     return TrainingArguments(
         output_dir=str(out / CHECKPOINTS),
-        per_device_train_batch_size=cfg.batch_size,
+        per_device_train_batch_size=1 if cfg.batch_tokens else cfg.batch_size,  # token_batches: one each
         per_device_eval_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         learning_rate=cfg.learning_rate,
@@ -298,9 +299,11 @@ def train(
     trainer = SFTPlaybookTrainer(
         model=model,
         args=training_arguments(cfg, place, Path(cfg.output_dir).expanduser()),
-        train_dataset=data.train,
+        train_dataset=token_batches(data.train, cfg.batch_tokens) if cfg.batch_tokens else data.train,
         eval_dataset=data.eval or None,
-        data_collator=Collator(tokenizer.pad_token_id, cfg.packing),
+        data_collator=Collator(
+            tokenizer.pad_token_id, cfg.packing, cfg.seq_length, flat_rows(cfg.attn_implementation)
+        ),
         processing_class=tokenizer,
     )
     return run_training(trainer, cfg, tokenizer, place, resume_from, plan)

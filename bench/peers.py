@@ -1,0 +1,338 @@
+#!/usr/bin/env python3
+"""Ours against the real peers on the CPU: LLaMA-Factory and NVIDIA's own Llama3_8B_LoRA_finetuning.py.
+
+    python bench/peers.py setup-llama-factory --venv bench/results/venv-llama-factory
+    python bench/peers.py fetch-nvidia --mirror DIR.git --out bench/results/peers
+    python bench/peers.py run --venv bench/results/venv-llama-factory --out bench/results/peers
+
+`run` builds a ~63M-parameter Llama (1024 wide, 4 layers, the tiny tokenizer with its Llama 3 chat
+template) and 128 Alpaca-shaped rows, then trains one epoch of LoRA r 8 on every linear layer, seq 512, with
+each implementation in its own process, interleaved, in two settings: (a) the same flags (batch 8) and (b) the
+same tokens per optimizer step (8 rows of 512: ours --batch_tokens 4096, LLaMA-Factory's packed rows, NVIDIA's
+script with as many padded examples as hold that many real tokens). See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+sys.path[:0] = [str(BENCH), str(REPO / "scripts")]
+
+import synthetic  # noqa: E402
+
+# NVIDIA's script, at the newest commit of github.com/NVIDIA/dgx-spark-playbooks that changed it.
+# Recompute the hash with: git --git-dir MIRROR show COMMIT:PATH | sha256sum
+NVIDIA_COMMIT = "ba13d4dcc2ace88f356258177fe1123adafc9787"
+NVIDIA_PATH = "nvidia/pytorch-fine-tune/assets/Llama3_8B_LoRA_finetuning.py"
+NVIDIA_SHA256 = "b77f75dccdb2076785bf357e0927a469960341bcde2221d5387e8927de77dab2"
+NVIDIA_SCRIPT = "Llama3_8B_LoRA_finetuning.py"
+
+LLAMA_FACTORY = "llamafactory==0.9.5"
+# Used when the project has no constraints file for LLaMA-Factory (playbooks/llama-factory/constraints.txt):
+# LLaMA-Factory 0.9.5's own upper bounds, with the project's transformers and the hub datasets 4.0 accepts.
+LLAMA_FACTORY_PINS = [
+    "transformers==5.5.4",
+    "huggingface-hub==1.31.0",
+    "datasets==4.0.0",
+    "accelerate==1.11.0",
+    "peft==0.18.0",
+    "trl==0.24.0",
+]
+# LLaMA-Factory imports torchaudio at module level, for audio inputs only; PyPI's x86_64 torchaudio is a CUDA
+# build that fails on the CPU torch, so the venv gets a module that says so when used.
+TORCHAUDIO_PLACEHOLDER = '''"""Placeholder: torchaudio is not installed (PyPI's x86_64 builds need a CUDA torch)."""
+
+
+def __getattr__(name):
+    if name.startswith("__"):
+        raise AttributeError(name)
+    raise ImportError(f"torchaudio.{name}: torchaudio is not installed in this venv")
+'''
+
+ROWS, SEQ_LENGTH, BATCH, ROWS_PER_STEP = 128, 512, 8, 8
+MODEL = {
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 8,
+}
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def check(command: list, **kwargs) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(c) for c in command], capture_output=True, text=True, **kwargs)
+    if result.returncode != 0:
+        tail = (result.stderr.strip() or result.stdout.strip() or "(no output)").splitlines()[-1]
+        sys.exit(f"{' '.join(map(str, command[:4]))} ... failed: {tail}")
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ setup
+
+
+def setup_llama_factory(venv: Path) -> None:
+    """A venv with LLaMA-Factory at its pins: the project's constraints file when it has one."""
+    pip = [venv / "bin" / "python", "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    check([sys.executable, "-m", "venv", venv])
+    check([*pip, "torch==2.13.0"])  # first, so that nothing pulls another build
+    constraints = REPO / "playbooks" / "llama-factory" / "constraints.txt"
+    if constraints.is_file():
+        check([*pip, "--no-deps", "-r", constraints])
+    else:
+        check([*pip, LLAMA_FACTORY, *LLAMA_FACTORY_PINS, "torch==2.13.0"])
+        # llamafactory declares torchvision and torchaudio; their PyPI builds break a CPU torch (see above).
+        check([venv / "bin" / "python", "-m", "pip", "uninstall", "-y", "-q", "torchvision", "torchaudio"])
+    purelib = check(
+        [venv / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]
+    )
+    placeholder = Path(purelib.stdout.strip()) / "torchaudio" / "__init__.py"
+    placeholder.parent.mkdir(exist_ok=True)
+    placeholder.write_text(TORCHAUDIO_PLACEHOLDER)
+    print(f"LLaMA-Factory in {venv}")
+
+
+def fetch_nvidia(mirror: Path, out: Path) -> Path:
+    """NVIDIA's script at NVIDIA_COMMIT from a local git mirror of NVIDIA/dgx-spark-playbooks, hash-checked."""
+    out.mkdir(parents=True, exist_ok=True)
+    script = out / NVIDIA_SCRIPT
+    text = check(["git", "--git-dir", mirror, "show", f"{NVIDIA_COMMIT}:{NVIDIA_PATH}"]).stdout
+    script.write_text(text)
+    if sha256(script) != NVIDIA_SHA256:
+        script.unlink()
+        sys.exit(f"{mirror}: {NVIDIA_PATH} at {NVIDIA_COMMIT} is not the file this benchmark was written for")
+    print(f"NVIDIA's script in {script}")
+    return script
+
+
+# ------------------------------------------------------------------------------------------------ model, data
+
+
+def prepare(out: Path) -> tuple[Path, Path, dict]:
+    """The model, the rows (Alpaca jsonl and LLaMA-Factory's dataset_info.json) and their token counts."""
+    import torch
+    from finetune.tiny import build_tiny_model
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    model_dir, data = out / "model", out / "data"
+    if not (model_dir / "config.json").is_file():
+        tiny = build_tiny_model(out / "tiny")
+        tokenizer = AutoTokenizer.from_pretrained(tiny)
+        config = LlamaConfig.from_pretrained(tiny)
+        for key, value in MODEL.items():
+            setattr(config, key, value)
+        config.head_dim = MODEL["hidden_size"] // MODEL["num_attention_heads"]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = LlamaForCausalLM(config)
+        model.save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
+    data.mkdir(parents=True, exist_ok=True)
+    rows = synthetic.generate(ROWS, seed=0)
+    synthetic.write(data / "alpaca.jsonl", rows)
+    (data / "alpaca.json").write_text(json.dumps(rows))
+    info = {"bench_alpaca": {"file_name": "alpaca.json"}}  # LLaMA-Factory's alpaca columns are the default
+    (data / "dataset_info.json").write_text(json.dumps(info))
+
+    from types import SimpleNamespace
+
+    from finetune.data import build_examples, load_rows
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    settings = SimpleNamespace(seq_length=SEQ_LENGTH, train_on_prompt=False)
+    examples, stats = build_examples(load_rows(str(data / "alpaca.jsonl")), "alpaca", tokenizer, settings)
+    nvidia_texts = [nvidia_text(r, tokenizer.eos_token) for r in rows]
+    nvidia_lengths = [min(len(tokenizer(t)["input_ids"]), SEQ_LENGTH) for t in nvidia_texts]
+    tokens = {
+        "chat": stats.tokens,
+        "nvidia": sum(nvidia_lengths),
+        "nvidia_mean": statistics.mean(nvidia_lengths),
+    }
+    return model_dir, data, tokens
+
+
+def nvidia_text(row: dict, eos: str) -> str:
+    """NVIDIA's script's own prompt (ALPACA_PROMPT_TEMPLATE), to count the tokens it trains on."""
+    return (
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        f"Write a response that appropriately completes the request.\n### Instruction: {row['instruction']}\n\n"
+        f"### Input: {row['input']}\n\n### Response: {row['output']}{eos}"
+    )
+
+
+# ------------------------------------------------------------------------------------------------ runs
+
+
+def measured(command: list, cwd: Path, env: dict | None = None) -> tuple[str, int]:
+    """Run `command` in a fresh process under this one; (its output, its peak RSS in bytes)."""
+    probe = (
+        "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+        "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
+        "sys.exit(r.returncode)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe, *map(str, command)], cwd=cwd, env=env, capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        sys.exit(f"{command[0]} ... failed:\n{result.stderr[-3000:]}")
+    peak = int(re.search(r"PEAK_RSS_KB (\d+)", result.stderr).group(1)) * 1024
+    return result.stdout + result.stderr, peak
+
+
+def run_ours(model: Path, data: Path, out: Path, extra: list[str]) -> dict:
+    target = out / "ours"
+    command = [sys.executable, REPO / "scripts" / "llama3_8b_lora.py", "--model_name", model]
+    command += [
+        "--dataset",
+        data / "alpaca.jsonl",
+        "--output_dir",
+        target,
+        "--overwrite_output_dir",
+        "--dtype",
+        "float32",
+    ]
+    command += ["--seq_length", SEQ_LENGTH, "--num_epochs", 1, "--eval_split", 0, "--lora_rank", 8]
+    command += ["--save_steps", 100000, "--logging_steps", 1, *extra]
+    _, peak = measured(command, out)
+    metrics = json.loads((target / "metrics.json").read_text())
+    return {"seconds": metrics["wall_time_seconds"], "tokens": metrics["train_tokens"], "peak": peak,
+            "loss": metrics["train_loss"]}  # fmt: skip
+
+
+def run_llama_factory(venv: Path, model: Path, data: Path, out: Path, tokens: int) -> dict:
+    target = out / "llama-factory"
+    settings = {
+        "model_name_or_path": str(model), "trust_remote_code": False, "stage": "sft", "do_train": True,
+        "finetuning_type": "lora", "lora_rank": 8, "lora_target": "all", "dataset": "bench_alpaca",
+        "dataset_dir": str(data), "template": "llama3", "cutoff_len": SEQ_LENGTH, "packing": True,
+        "neat_packing": True, "overwrite_cache": True, "preprocessing_num_workers": 1,
+        "dataloader_num_workers": 0, "output_dir": str(target), "overwrite_output_dir": True,
+        "logging_steps": 1, "save_strategy": "no", "per_device_train_batch_size": BATCH,
+        "gradient_accumulation_steps": 1, "learning_rate": 1.0e-4, "num_train_epochs": 1.0,
+        "lr_scheduler_type": "linear", "bf16": False, "report_to": "none", "seed": 42,
+    }  # fmt: skip
+    import yaml
+
+    config = (
+        out / "llama-factory.yaml"
+    )  # llamafactory-cli reads .json configs wrongly in 0.9.5 (json.load(Path))
+    config.write_text(yaml.safe_dump(settings))
+    env = {**os.environ, "DISABLE_VERSION_CHECK": "1", "HF_HUB_OFFLINE": "1"}
+    _, peak = measured([venv / "bin" / "llamafactory-cli", "train", config], out, env)
+    result = json.loads((target / "train_results.json").read_text())
+    return {"seconds": result["train_runtime"], "tokens": tokens, "peak": peak, "loss": result["train_loss"]}
+
+
+# Runs NVIDIA's script unchanged, with load_dataset("tatsu-lab/alpaca") answered from the local rows and, without
+# a GPU, SFTConfig told to use the CPU in float32 (TRL's configs default to bf16 and refuse the CPU otherwise).
+NVIDIA_RUNNER = """
+import runpy, sys, datasets, torch, trl
+if not torch.cuda.is_available():
+    class CPUConfig(trl.SFTConfig):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{"use_cpu": True, "bf16": False, **kwargs})
+    trl.SFTConfig = CPUConfig
+rows = sys.argv.pop(1)
+load = datasets.load_dataset
+datasets.load_dataset = lambda name, *a, **k: (
+    datasets.Dataset.from_json(rows) if name == "tatsu-lab/alpaca" else load(name, *a, **k))
+sys.argv[0] = sys.argv[1]; del sys.argv[1]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def run_nvidia(script: Path, model: Path, data: Path, out: Path, batch: int, tokens: int) -> dict:
+    command = [sys.executable, "-c", NVIDIA_RUNNER, data / "alpaca.jsonl", script, "--model_name", model]
+    command += ["--dtype", "float32", "--batch_size", batch, "--seq_length", SEQ_LENGTH, "--num_epochs", 1]
+    command += ["--dataset_size", ROWS, "--lora_rank", 8, "--log_dir", out / "nvidia-logs"]
+    output, peak = measured(command, out)
+    seconds = float(re.search(r"Training runtime: ([\d.]+)", output).group(1))
+    loss = float(re.search(r"Train loss: ([\d.]+)", output).group(1))
+    return {"seconds": seconds, "tokens": tokens, "peak": peak, "loss": loss}
+
+
+def row(name: str, result: dict) -> str:
+    return (
+        f"| {name} | {result['seconds']:.0f} s | {result['tokens'] / result['seconds']:.0f} | "
+        f"{result['peak'] / 2**30:.2f} GiB | {result['loss']:.3f} |"
+    )
+
+
+def run(args) -> None:
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    model, data, tokens = prepare(out)
+    script = out / NVIDIA_SCRIPT
+    nvidia_same_tokens = round(ROWS_PER_STEP * SEQ_LENGTH / tokens["nvidia_mean"])
+    settings = {
+        "a": ("same flags (batch 8)", ["--batch_size", BATCH], BATCH),
+        "b": (
+            f"same tokens per step ({ROWS_PER_STEP} x {SEQ_LENGTH})",
+            ["--batch_tokens", ROWS_PER_STEP * SEQ_LENGTH],
+            nvidia_same_tokens,
+        ),
+    }
+    lines = [
+        "| run | time for the epoch | real tokens/s | peak RSS | final train loss |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    results = {}
+    lf = None
+    for key, (
+        title,
+        ours_flags,
+        nvidia_batch,
+    ) in settings.items():  # interleaved: ours, LLaMA-Factory, NVIDIA
+        ours = run_ours(model, data, out, ours_flags)
+        if lf is None:  # its packed rows of 512, 8 per step, are both settings at once
+            lf = run_llama_factory(args.venv.resolve(), model, data, out, tokens["chat"])
+        nvidia = (
+            run_nvidia(script, model, data, out, nvidia_batch, tokens["nvidia"]) if script.is_file() else None
+        )
+        results[key] = {"ours": ours, "llama-factory": lf, "nvidia": nvidia}
+        lines.append(f"| **({key}) {title}** | | | | |")
+        lines.append(row(f"ours `{' '.join(map(str, ours_flags))}`", ours))
+        lines.append(row("LLaMA-Factory 0.9.5, `packing` + `neat_packing`, batch 8", lf))
+        if nvidia:
+            lines.append(row(f"NVIDIA's script, `--batch_size {nvidia_batch}`", nvidia))
+    (out / "peers.json").write_text(json.dumps(results, indent=2))
+    print("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    setup = commands.add_parser("setup-llama-factory", help="make a venv with LLaMA-Factory at its pins")
+    setup.add_argument("--venv", type=Path, required=True)
+    fetch = commands.add_parser("fetch-nvidia", help="copy NVIDIA's script from a git mirror, hash-checked")
+    fetch.add_argument(
+        "--mirror", type=Path, required=True, help="git directory of NVIDIA/dgx-spark-playbooks"
+    )
+    fetch.add_argument("--out", type=Path, default=BENCH / "results" / "peers")
+    bench = commands.add_parser("run", help="the table: ours, LLaMA-Factory and NVIDIA's script, interleaved")
+    bench.add_argument("--venv", type=Path, required=True, help="LLaMA-Factory's venv (setup-llama-factory)")
+    bench.add_argument("--out", type=Path, default=BENCH / "results" / "peers")
+    args = parser.parse_args(argv)
+    if args.command == "setup-llama-factory":
+        setup_llama_factory(args.venv)
+    elif args.command == "fetch-nvidia":
+        fetch_nvidia(args.mirror, args.out)
+    else:
+        run(args)
+
+
+if __name__ == "__main__":
+    main()

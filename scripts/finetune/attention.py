@@ -1,0 +1,120 @@
+"""Attention over packed rows whose cost is linear in the number of examples.
+
+A packed row holds several examples, each with position ids restarting at 0. transformers 5.5.4 keeps them
+apart with a block-diagonal mask (masking_utils.find_packed_sequence_indices + sdpa_mask): it materialises a
+rows x L x L boolean mask, and SDPA with an explicit mask runs its math kernel on the CPU, which builds
+rows x heads x L x L scores. `packed_sdpa` instead runs SDPA with `is_causal` on each example's slice of the row
+(the fused kernel, no mask, cost the sum of each example's length squared) and creates no mask at all for
+packed rows. Padded batches (a 2D attention mask) and generation (a KV cache) go to transformers' own SDPA.
+
+What runs where:
+- CPU or CUDA, --attn_implementation sdpa with packing: `packed_sdpa` (this module), rows of <= --seq_length.
+- CUDA with flash_attention_2/3 (or a `kernels` hub kernel): transformers' varlen kernel, cu_seqlens from the
+  position ids. transformers only takes that path for a batch of one row, so the collator sends one flat row.
+- eager: transformers' block-diagonal mask over rows of <= --seq_length (quadratic in the row, not the batch).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+PACKED_SDPA = "packed_sdpa"
+
+
+def segments(position_ids: torch.Tensor) -> list[list[tuple[int, int, bool]]]:
+    """Per row, (start, end, single) for each example: a new one starts wherever the position does not go up
+    by 1 (as transformers decides). Runs of one-token pieces (padding, each at position 0) merge into one piece
+    marked single: each of its tokens attends to itself only."""
+    starts = torch.diff(position_ids, dim=-1) != 1
+    starts = torch.cat([torch.ones_like(starts[:, :1]), starts], dim=-1)
+    rows = []
+    for row in starts:
+        bounds = [*row.nonzero().flatten().tolist(), row.numel()]
+        pieces = []
+        for start, end in zip(bounds, bounds[1:], strict=False):
+            single = end - start == 1
+            if single and pieces and pieces[-1][2]:
+                pieces[-1] = (pieces[-1][0], end, True)
+            else:
+                pieces.append((start, end, single))
+        rows.append(pieces)
+    return rows
+
+
+def packed_sdpa_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    position_ids: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    if (
+        attention_mask is not None
+        or position_ids is None
+        or query.shape[2] != key.shape[2]
+        or query.shape[2] < 2
+    ):
+        return sdpa_attention_forward(
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            is_causal=is_causal,
+            **kwargs,
+        )
+    # Grouped-query attention inside the kernel (CPU and CUDA, torch >= 2.5): no copies of k and v per query
+    # head kept for the backward pass.
+    groups = query.shape[1] // key.shape[1]
+    rows = []
+    for b, pieces in enumerate(segments(position_ids.expand(query.shape[0], -1))):
+        outputs = []
+        for start, end, single in pieces:
+            if single:  # each token attends to itself only, so its output is its value
+                outputs.append(value[b, :, start:end].repeat_interleave(groups, dim=0))
+                continue
+            outputs.append(
+                torch.nn.functional.scaled_dot_product_attention(
+                    query[b : b + 1, :, start:end],
+                    key[b : b + 1, :, start:end],
+                    value[b : b + 1, :, start:end],
+                    dropout_p=dropout,
+                    scale=scaling,
+                    is_causal=True,
+                    enable_gqa=groups > 1,
+                )[0]
+            )
+        rows.append(torch.cat(outputs, dim=1))
+    return torch.stack(rows).transpose(1, 2).contiguous(), None
+
+
+def packed_sdpa_mask(*, attention_mask=None, **kwargs):
+    """No mask for packed or causal rows (the attention splits rows itself); padded batches get SDPA's mask."""
+    if attention_mask is None:
+        return None
+    return sdpa_mask(attention_mask=attention_mask, **kwargs)
+
+
+AttentionInterface.register(PACKED_SDPA, packed_sdpa_forward)
+AttentionMaskInterface.register(PACKED_SDPA, packed_sdpa_mask)
+
+
+def flat_rows(attn_implementation: str) -> bool:
+    """Whether packed examples must travel as one flat row: transformers' flash-attention kernels find the
+    examples' boundaries (cu_seqlens) from the position ids only for a batch of one row."""
+    return "flash" in attn_implementation  # flash_attention_2/3, kernels-community/flash-attn*
+
+
+def training_attention(attn_implementation: str, packing: bool) -> str:
+    """The implementation a packed run loads: `packed_sdpa` in place of sdpa, any other unchanged."""
+    return PACKED_SDPA if packing and attn_implementation == "sdpa" else attn_implementation
