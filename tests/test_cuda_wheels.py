@@ -4,6 +4,7 @@ CUDA library its Requires-Dist asks for (through cuda-toolkit's extras) at a ver
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -31,18 +32,15 @@ def _manifest(system: str) -> dict:
     return json.loads((WHEELS / f"cp314-{system}.json").read_text())
 
 
-def _environment(machine: str, extra: str) -> dict[str, str]:
-    return {
-        "python_version": "3.14",
-        "python_full_version": "3.14.0",
-        "implementation_name": "cpython",
-        "platform_python_implementation": "CPython",
-        "sys_platform": "linux",
-        "platform_system": "Linux",
-        "os_name": "posix",
-        "platform_machine": machine,
-        "extra": extra,
-    }
+def _update_script():
+    spec = importlib.util.spec_from_file_location("cuda_wheels_update", WHEELS / "update.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# PEP 508 marker values for CPython 3.14 on Linux: the very ones the manifests were resolved with.
+_environment = _update_script().environment
 
 
 def test_one_manifest_per_system():
