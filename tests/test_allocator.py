@@ -51,8 +51,13 @@ def test_freed_activations_leave_the_process():
         assert result.returncode == 0, result.stderr[-2000:]
         return int(result.stdout.strip())
 
-    assert retained("off") >= 128, "glibc's defaults keep the freed blocks resident"
-    assert retained("on") < 32
+    on = retained("on")
+    assert on < 32, f"{on} MiB of freed blocks stayed resident with return_freed_memory()"
+    # The control: whether glibc's defaults keep them depends on how its thresholds adapted in that process.
+    off = retained("off")
+    if off < 128:
+        pytest.skip(f"this glibc returned the blocks by itself ({off} MiB kept): nothing to compare against")
+    assert on < off
 
 
 def test_the_users_malloc_settings_win(monkeypatch):
