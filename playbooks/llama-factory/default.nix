@@ -68,17 +68,13 @@ mkShell {
   LLAMA_FACTORY_DATA = "${source}/data";
   LLAMA_FACTORY_EXAMPLES = "${source}/examples";
 
-  shellHook =
-    lib.optionalString cudaSupport (builtins.readFile ../pytorch-fine-tune/host-driver.sh)
-    + ''
+  shellHook = import ../shell-hook.nix {
+    inherit lib cudaSupport help;
+    setup = ''
       # LLaMA-Factory's web UI listens on every interface unless told otherwise.
       export GRADIO_SERVER_NAME="''${GRADIO_SERVER_NAME:-127.0.0.1}"
-      if [ -z "''${LLM_FINETUNE_QUIET:-}" ]; then
-        cat <<'LLM_FINETUNE_HELP'
-      ${help}
-      LLM_FINETUNE_HELP
-      fi
     '';
+  };
 
   passthru = {
     inherit python source init cuda;

@@ -58,15 +58,10 @@ mkShell {
 
   AUTOMODEL_EXAMPLES = examples;
 
-  shellHook =
-    builtins.readFile ../pytorch-fine-tune/host-driver.sh
-    + ''
-      if [ -z "''${LLM_FINETUNE_QUIET:-}" ]; then
-        cat <<'LLM_FINETUNE_HELP'
-      ${help}
-      LLM_FINETUNE_HELP
-      fi
-    '';
+  shellHook = import ../shell-hook.nix {
+    inherit lib help;
+    cudaSupport = true; # a CUDA-only shell
+  };
 
   passthru = {
     inherit (nemo) python withPackages downloadBytes;

@@ -51,15 +51,7 @@ mkShell (
 
     packages = [ llm-finetune-python ];
 
-    shellHook =
-      lib.optionalString cudaSupport (builtins.readFile ./host-driver.sh)
-      + ''
-        if [ -z "''${LLM_FINETUNE_QUIET:-}" ]; then
-          cat <<'LLM_FINETUNE_HELP'
-        ${help}
-        LLM_FINETUNE_HELP
-        fi
-      '';
+    shellHook = import ../shell-hook.nix { inherit lib cudaSupport help; };
 
     passthru = {
       inherit playbooks cuda;
