@@ -3,7 +3,8 @@
 Nix, in this order:
   1. `nix` on PATH, when it is 2.26 or newer;
   2. $NIX_ROOT: a root file system made by tests/nix/nix-root.sh (Debian trixie's nix-bin 2.26),
-     used with chroot;
+     used with chroot inside a mount namespace of its own (`unshare --mount-proc`): its /proc lives as
+     long as the command, so nothing stays mounted under the repository when the tests end;
   3. .nix-root/ in the repository (git-ignored), made by tests/nix/nix-root.sh the first time the
      tests run as root on a machine with mmdebstrap (a minute or two, ~290 MB).
 nixpkgs' lib: $NIXPKGS_LIB, else shared/nixpkgs-lib/lib beside the repository or its parent.
@@ -12,6 +13,7 @@ Where either is missing, the tests that need it are skipped with the reason.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import os
 import re
@@ -22,7 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-CHROOT = shutil.which("chroot", path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"]))
+_SBIN = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+CHROOT = shutil.which("chroot", path=_SBIN)
+UNSHARE = shutil.which("unshare", path=_SBIN)
 NIX_ROOT_SCRIPT = REPO / "tests" / "nix" / "nix-root.sh"
 MINIMUM = (2, 26)
 
@@ -68,8 +72,14 @@ class Nix:
             "HOME": "/root",
             "NIX_CONFIG": NIX_CONFIG + "build-users-group =\n",
         }
-        command = [CHROOT, str(self.root), "sh", "-c", 'cd "$0" && exec "$@"', self.inside(cwd), *args]
+        command = [*in_root(self.root), "sh", "-c", 'cd "$0" && exec "$@"', self.inside(cwd), *args]
         return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def in_root(root: Path) -> list[str]:
+    """The command prefix that runs a program in `root` with a /proc of its own that is unmounted when it exits
+    (a private mount namespace), so no mount outlives the tests: a mount left under a checkout breaks its removal."""
+    return [UNSHARE, "--mount", "--fork", f"--mount-proc={root / 'proc'}", CHROOT, str(root)]
 
 
 def _host_nix() -> Nix | None:
@@ -83,22 +93,25 @@ def _host_nix() -> Nix | None:
 
 
 def _chroot_nix(root: Path) -> Nix | str:
-    """Nix in `root`, making the root (or mounting its /proc) with nix-root.sh where needed."""
-    ready = (root / "usr" / "bin" / "nix").exists() and (root / "proc" / "self").exists()
-    if not ready:
+    """Nix in `root`, making the root with nix-root.sh where needed."""
+    if not (root / "usr" / "bin" / "nix").exists():
         if os.geteuid() != 0:
-            return f"{root} needs making or mounting as root: sudo {NIX_ROOT_SCRIPT.relative_to(REPO)} {root}"
-        if not (root / "usr" / "bin" / "nix").exists() and not shutil.which("mmdebstrap"):
+            return f"{root} needs making as root: sudo {NIX_ROOT_SCRIPT.relative_to(REPO)} {root}"
+        if not shutil.which("mmdebstrap"):
             return "no Nix >= 2.26: install Nix, or mmdebstrap to make a root with it (apt-get install mmdebstrap)"
-        made = subprocess.run(
-            ["sh", str(NIX_ROOT_SCRIPT), str(root)], capture_output=True, text=True, timeout=1200
-        )
-        if made.returncode != 0:
-            last = (made.stderr.strip().splitlines() or ["(no output)"])[-1]
-            return f"{NIX_ROOT_SCRIPT.relative_to(REPO)} {root} failed: {last}"
-    if os.geteuid() != 0 or CHROOT is None:
-        return f"chroot into {root} needs root and chroot"
-    out = subprocess.run([CHROOT, str(root), "nix", "--version"], capture_output=True, text=True)
+        # Test workers (pytest-xdist) may get here together: one makes the root, the others wait for it.
+        with open(root.parent / f"{root.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (root / "usr" / "bin" / "nix").exists():
+                made = subprocess.run(
+                    ["sh", str(NIX_ROOT_SCRIPT), str(root)], capture_output=True, text=True, timeout=1200
+                )
+                if made.returncode != 0:
+                    last = (made.stderr.strip().splitlines() or ["(no output)"])[-1]
+                    return f"{NIX_ROOT_SCRIPT.relative_to(REPO)} {root} failed: {last}"
+    if os.geteuid() != 0 or CHROOT is None or UNSHARE is None:
+        return f"running Nix in {root} needs root, chroot and unshare"
+    out = subprocess.run([*in_root(root), "nix", "--version"], capture_output=True, text=True)
     version = _version(out.stdout)
     if out.returncode != 0 or version is None or version < MINIMUM:
         return f"{root} has no working Nix >= 2.26 ({(out.stdout or out.stderr).strip()})"

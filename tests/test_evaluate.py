@@ -24,6 +24,14 @@ def run_evaluate(capsys, *argv) -> tuple[int | None, str, str]:
     return None, captured.out, captured.err
 
 
+def test_side_by_side_keeps_the_end_of_long_column_names():
+    base, adapter = "/a/long/directory/" * 8 + "tiny/model (base)", "+ /a/long/directory/" * 8 + "run/final"
+    head, rule, *body = evaluate.side_by_side({base: "red", adapter: "blue"}, width=80).splitlines()
+    left, right = (cell.strip() for cell in head.split(" | "))
+    assert left.endswith("tiny/model (base)") and left.startswith("…") and right.endswith("run/final")
+    assert max(map(len, (head, rule, *body))) <= 80 and body == ["red" + " " * 35 + " | blue"]
+
+
 def test_generate_prints_base_and_adapter_side_by_side(capsys, lora_run, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Name a primary colour.\n\nWhat is 12 plus 7?\n")

@@ -339,7 +339,7 @@ def test_a_real_full_disk(tiny_model, tmp_path):
         assert [p.name for p in kept] == ["checkpoint-2"] and checkpoints.problem(kept[0]) is None
         assert not (out / "checkpoints" / checkpoints.STAGING).exists() and not (out / "final").exists()
     finally:
-        subprocess.run(["umount", str(disk)], check=False)
+        subprocess.run(["umount", "--lazy", str(disk)], check=False)  # even while a file is still open there
 
 
 # ------------------------------------------------------------------------------------------------- the lock

@@ -345,6 +345,16 @@ def test_flake_check_passes_without_warnings(flake):
         assert sorted(systems) == sorted(SYSTEMS), f"{output} covers {systems}"
 
 
+def test_evaluations_leave_nothing_mounted(flake):
+    # Nix in a chroot needs a /proc; one left mounted under the checkout (or the root) would make the directory
+    # impossible to remove after the tests, so each command's /proc must end with it.
+    flake.run(["nix", "--version"], "nix --version")
+    roots = [REPO.resolve()] + ([flake.nix.root.resolve()] if flake.nix.root else [])
+    mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
+    left = [m for m in mounts if any(Path(m) == r or r in Path(m).parents for r in roots)]
+    assert not left, f"still mounted after the evaluations: {left}"
+
+
 def test_devshells_export_the_playbook_scripts(shells, outputs):
     for system in SYSTEMS:
         scripts_out = outputs["packages"][system]["scripts"]

@@ -141,7 +141,9 @@ def side_by_side(texts: dict[str, str], width: int) -> str:
         ]
         for n in names
     }
-    rows = [" | ".join(f"{n[:column]:<{column}}" for n in names), "-+-".join("-" * column for _ in names)]
+    # A long name keeps its end (the run's own directory, "(base)"), not the start every column shares.
+    heads = [n if len(n) <= column else "…" + n[-(column - 1) :] for n in names]
+    rows = [" | ".join(f"{h:<{column}}" for h in heads), "-+-".join("-" * column for _ in names)]
     for i in range(max(len(lines) for lines in wrapped.values())):
         rows.append(" | ".join(f"{(wrapped[n][i] if i < len(wrapped[n]) else ''):<{column}}" for n in names))
     return "\n".join(line.rstrip() for line in rows)

@@ -3,10 +3,11 @@
 # evaluating the flake where no modern Nix is installed (tests/test_flake.py does this itself):
 #
 #   sudo tests/nix/nix-root.sh .nix-root          # a minute or two, ~290 MB; needs mmdebstrap
-#   sudo chroot .nix-root nix --version
+#   sudo unshare --mount --fork --mount-proc=.nix-root/proc chroot .nix-root nix --version
 #
-# Idempotent: a root that already has nix is kept, and /proc is mounted in it when it is not.
-# Needs root (mmdebstrap's root mode, mount, chroot) and `apt-get install mmdebstrap`.
+# Nix needs /proc; unshare mounts one in a private mount namespace that ends with the command, so
+# nothing stays mounted under the checkout (a leftover mount makes the directory impossible to remove).
+# Idempotent: a root that already has nix is kept. Needs root and `apt-get install mmdebstrap`.
 set -eu
 
 dir=${1:?usage: nix-root.sh DIR}
@@ -33,7 +34,4 @@ if [ ! -x "$dir/usr/bin/nix" ]; then
   mv "$partial" "$dir"
 fi
 
-if ! mountpoint -q "$dir/proc"; then
-  mount -t proc proc "$dir/proc"
-fi
-chroot "$dir" nix --version
+unshare --mount --fork --mount-proc="$dir/proc" chroot "$dir" nix --version
