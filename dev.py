@@ -109,15 +109,30 @@ def ensure_env(env: Path, constraints: Path | None, extras: str, fresh: bool = F
     return python
 
 
-def env_with_bytecode() -> dict[str, str]:
-    """The environment for the tests, the demo and the scripts they start. pip installs with --no-compile, so modules are
-    byte-compiled on first import and cached in the venv, unless PYTHONDONTWRITEBYTECODE forbids it: then every
+def env_with_bytecode(**extra: str) -> dict[str, str]:
+    """The environment for the tests, the demo and the scripts they start. pip installs with --no-compile, so modules
+    are byte-compiled on first import and cached in the venv, unless PYTHONDONTWRITEBYTECODE forbids it: then every
     process compiles torch, transformers and datasets again (~22 s per import here instead of ~8 s)."""
-    return {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    return {**{k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}, **extra}
 
 
-def run(python: Path, *args: str) -> int:
-    return subprocess.run([str(python), *args], cwd=ROOT, env=env_with_bytecode()).returncode
+def run(python: Path, *args: str, env: dict[str, str] | None = None) -> int:
+    return subprocess.run([str(python), *args], cwd=ROOT, env=env or env_with_bytecode()).returncode
+
+
+def parallel(args: list[str]) -> tuple[list[str], dict[str, str]]:
+    """pytest arguments and environment for one worker per core (pytest-xdist), unless the arguments choose
+    (`-n 0` runs in one process). A worker takes whole files, so a module's fixtures (the flake copy, LLaMA-Factory's
+    venv and its trained adapter) are made once, and runs torch on one thread: most tests are bound by one core's
+    Python and imports, and two workers of two threads each on two cores were slower than one process."""
+    workers = min(os.cpu_count() or 1, 8)
+    chosen = "no:xdist" in args or any(
+        a == "--numprocesses" or a.startswith(("-n", "--numprocesses=")) for a in args
+    )
+    if workers < 2 or chosen:
+        return args, env_with_bytecode()
+    threads = {name: os.environ.get(name, "1") for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    return ["-n", str(workers), "--dist", "loadfile", *args], env_with_bytecode(**threads)
 
 
 def pins_flag(args: list[str]) -> tuple[str, list[str]]:
@@ -141,7 +156,8 @@ def test(args: list[str]) -> int:
     python = ensure_env(ENVS[pins], PINS[pins], extras="test")
     print(f"== python -m pytest {' '.join(args)} (pins: {PINS[pins].name})", flush=True)
     (ENVS[pins] / LAST_REPORT).unlink(missing_ok=True)
-    return run(python, "-m", "pytest", f"--junitxml={ENVS[pins] / LAST_REPORT}", *args)
+    args, env = parallel(args)
+    return run(python, "-m", "pytest", f"--junitxml={ENVS[pins] / LAST_REPORT}", *args, env=env)
 
 
 def installed_versions(python: Path) -> dict[str, str]:
@@ -183,8 +199,9 @@ def smoke_verdict(python: Path, env: Path, args: list[str]) -> tuple[int, list[s
     failure here can never read as the run's failure."""
     report, log = env / "canary.xml", env / "canary.log"
     with log.open("w") as out:
+        args, env = parallel(args)
         command = [str(python), "-m", "pytest", "-m", "smoke", "-rf", f"--junitxml={report}", *args]
-        subprocess.run(command, cwd=ROOT, env=env_with_bytecode(), stdout=out, stderr=subprocess.STDOUT)
+        subprocess.run(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     passed, failed = junit_outcome(report) if report.exists() else (0, [f"pytest (no report; see {log})"])
     return passed, failed, log
 

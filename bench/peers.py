@@ -49,15 +49,8 @@ LLAMA_FACTORY_PINS = [
     "trl==0.24.0",
 ]
 # LLaMA-Factory imports torchaudio at module level, for audio inputs only; PyPI's x86_64 torchaudio is a CUDA
-# build that fails on the CPU torch, so the venv gets a module that says so when used.
-TORCHAUDIO_PLACEHOLDER = '''"""Placeholder: torchaudio is not installed (PyPI's x86_64 builds need a CUDA torch)."""
-
-
-def __getattr__(name):
-    if name.startswith("__"):
-        raise AttributeError(name)
-    raise ImportError(f"torchaudio.{name}: torchaudio is not installed in this venv")
-'''
+# build that fails on the CPU torch, so the venv gets the playbook's stand-in, which says so when used.
+TORCHAUDIO_PLACEHOLDER = REPO / "playbooks" / "llama-factory" / "no_torchaudio.py"
 
 ROWS, SEQ_LENGTH, BATCH, ROWS_PER_STEP = 128, 512, 8, 8
 MODEL = {
@@ -101,7 +94,7 @@ def setup_llama_factory(venv: Path) -> None:
     )
     placeholder = Path(purelib.stdout.strip()) / "torchaudio" / "__init__.py"
     placeholder.parent.mkdir(exist_ok=True)
-    placeholder.write_text(TORCHAUDIO_PLACEHOLDER)
+    placeholder.write_text(TORCHAUDIO_PLACEHOLDER.read_text())
     print(f"LLaMA-Factory in {venv}")
 
 
