@@ -272,6 +272,10 @@ def load_model(cfg: TrainConfig, model_config, place: Placement):
     model = load_base(cfg, model_config, place)
     if cfg.uses_lora:
         model = _wrap_lora(model, cfg)
+        if place.device == "cpu":  # measured on the CPU only (see lora_fused)
+            from .lora_fused import fuse_lora_layers
+
+            fuse_lora_layers(model)
     model.config.use_cache = False  # the KV cache only costs memory in training
     return model
 
