@@ -65,6 +65,7 @@ let
     safetensors.version = "0.8.0";
     tensorboard.version = "2.21.0";
     pytest.version = "9.0.1";
+    pytest-xdist.version = "3.8.0"; # pkgs/development/python-modules/pytest-xdist (the test extra)
     ruff.version = "0.14.0";
     requests.version = "2.32.5";
     pillow.version = "12.0.0";
