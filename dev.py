@@ -199,9 +199,9 @@ def smoke_verdict(python: Path, env: Path, args: list[str]) -> tuple[int, list[s
     failure here can never read as the run's failure."""
     report, log = env / "canary.xml", env / "canary.log"
     with log.open("w") as out:
-        args, env = parallel(args)
+        args, child_env = parallel(args)
         command = [str(python), "-m", "pytest", "-m", "smoke", "-rf", f"--junitxml={report}", *args]
-        subprocess.run(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        subprocess.run(command, cwd=ROOT, env=child_env, stdout=out, stderr=subprocess.STDOUT)
     passed, failed = junit_outcome(report) if report.exists() else (0, [f"pytest (no report; see {log})"])
     return passed, failed, log
 
