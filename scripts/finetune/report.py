@@ -70,6 +70,31 @@ def write_json_atomic(path: Path, data: dict) -> None:
         raise
 
 
+def run_metrics(
+    cfg, place, plan: dict, *, tokens: float, samples: float, seconds: float, peak: float
+) -> dict:
+    """The metrics.json entries every training loop reports alike: throughput, memory, device and provenance."""
+
+    def rate(count: float) -> float | None:
+        return count / seconds if seconds > 0 else None
+
+    return {
+        "tokens_per_second": rate(tokens),
+        "samples_per_second": rate(samples),
+        "train_tokens": int(tokens),
+        "train_samples": int(samples),
+        "peak_memory_bytes": int(peak),
+        "peak_memory_kind": "cuda max allocated" if place.device == "cuda" else "process peak RSS",
+        "estimated_peak_memory_bytes": plan["memory_estimate"]["total"],
+        "wall_time_seconds": seconds,
+        "device": place.device,
+        "dtype": str(place.dtype).removeprefix("torch."),
+        "config": dict(vars(cfg)),
+        "data": plan["data"],
+        "versions": versions(),
+    }
+
+
 def perplexity(loss: float | None) -> float | None:
     if loss is None:
         return None

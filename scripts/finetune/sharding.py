@@ -41,7 +41,7 @@ from .errors import EXIT_SIGINT, EXIT_SIGTERM, Interrupted, UserError
 from .model import Placement, hub_failure, lora_config
 from .outputs import CHECKPOINTS, FINAL, METRICS, RUN_FILE, is_main_process, replace_dir
 from .plot import write_loss_plot
-from .report import peak_memory_bytes, perplexity, versions, write_json_atomic
+from .report import peak_memory_bytes, perplexity, run_metrics, write_json_atomic
 from .train import STEP_LOSS, StepEndCallback, loss_positions_only
 
 STRATEGY = "fsdp2"
@@ -508,24 +508,14 @@ def _train(cfg, tokenizer, data, place, resume_from, plan, rank: int, world: int
         "initial_train_loss": state.window_loss(cfg.logging_steps, last=False),
         "eval_loss": eval_loss,
         "eval_perplexity": perplexity(eval_loss),
-        "tokens_per_second": tokens / train_seconds if train_seconds > 0 else None,
-        "samples_per_second": samples / train_seconds if train_seconds > 0 else None,
-        "train_tokens": int(tokens),
-        "train_samples": int(samples),
-        "peak_memory_bytes": max(peaks),
+        **run_metrics(
+            cfg, place, plan, tokens=tokens, samples=samples, seconds=train_seconds, peak=max(peaks)
+        ),
         "peak_memory_bytes_per_rank": peaks,
-        "peak_memory_kind": "cuda max allocated" if place.device == "cuda" else "process peak RSS",
-        "estimated_peak_memory_bytes": plan["memory_estimate"]["total"],
-        "wall_time_seconds": train_seconds,
         "global_step": state.global_step,
         "resumed_from": resume_from,
         "world_size": world,
         "sharding": {"strategy": STRATEGY, "parameters": total_params, "parameters_per_rank": held_per_rank},
-        "device": place.device,
-        "dtype": str(place.dtype).removeprefix("torch."),
-        "config": dict(vars(cfg)),
-        "data": plan["data"],
-        "versions": versions(),
         "step_losses": [e[STEP_LOSS] for e in state.log_history if STEP_LOSS in e],
     }
     final = save_final_sharded(model, tokenizer, cfg, out)

@@ -21,7 +21,7 @@ from .guards import NonFiniteLossGuard, close_progress_bar, train_or_save_on_oom
 from .model import Placement, liger_kernels, load_model
 from .outputs import CHECKPOINTS, METRICS, RUN_FILE, is_main_process
 from .plot import write_loss_plot
-from .report import peak_memory_bytes, perplexity, versions, write_json_atomic
+from .report import peak_memory_bytes, perplexity, run_metrics, write_json_atomic
 
 STEP_LOSS = "step_loss"  # per-step entries in the trainer's log history, which checkpoints keep
 
@@ -257,22 +257,10 @@ def run_training(
         "eval_loss": eval_loss,
         "eval_perplexity": perplexity(eval_loss),
         **trainer.extra_eval_metrics(eval_metrics),
-        "tokens_per_second": tokens / train_seconds if train_seconds > 0 else None,
-        "samples_per_second": samples / train_seconds if train_seconds > 0 else None,
-        "train_tokens": int(tokens),
-        "train_samples": int(samples),
-        "peak_memory_bytes": int(peak),
-        "peak_memory_kind": "cuda max allocated" if place.device == "cuda" else "process peak RSS",
-        "estimated_peak_memory_bytes": plan["memory_estimate"]["total"],
-        "wall_time_seconds": train_seconds,
+        **run_metrics(cfg, place, plan, tokens=tokens, samples=samples, seconds=train_seconds, peak=peak),
         "global_step": trainer.state.global_step,
         "resumed_from": resume_from,
         "world_size": world_size(),
-        "device": place.device,
-        "dtype": str(place.dtype).removeprefix("torch."),
-        "config": dict(vars(cfg)),
-        "data": plan["data"],
-        "versions": versions(),
     }
     if is_main_process():
         with checkpoints.disk_full_is_one_line("final/ and metrics.json", out):
