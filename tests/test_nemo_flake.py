@@ -4,6 +4,8 @@ nixpkgs stand-in, as tests/test_flake.py does for pytorch-fine-tune."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 from test_flake import SYSTEMS, flake, shells  # noqa: F401  (fixtures)
@@ -32,6 +34,7 @@ NEMO_SET = """
       }) shell.wheels;
       torch = (torchOf shell.wheels.nemo-automodel.dependencies).drvPath;
       python = builtins.isString shell.python.drvPath;
+      bitsandbytes = map (p: p.src.url) (builtins.filter (p: p.pname == "bitsandbytes") shell.python.packages);
       source = { inherit (shell.automodel-source) url outputHash; };
       examples = shell.examples;
     }) ds
@@ -77,6 +80,9 @@ def test_nemo_set_is_the_manifests_wheels_over_the_cuda_sets_torch(flake):  # no
             # Only what the CUDA set provides is relaxed: the set's own pins are checked at build time.
             assert set(p["pythonRelaxDeps"]) == set(wheel["dependencies"]) - set(wheels), name
             assert "libcuda.so.1" in p["autoPatchelfIgnoreMissingDeps"], name
+        # NVIDIA's QLoRA recipe needs bitsandbytes: the CUDA set's wheel.
+        cuda_wheels = json.loads((REPO / "overlays" / "cuda-wheels" / f"cp314-{system}.json").read_text())
+        assert got["bitsandbytes"] == [cuda_wheels["wheels"]["bitsandbytes"]["url"]]
         assert wheels["nemo-automodel"]["version"] == "0.7.0"
         assert wheels["transformers"]["version"] == "5.18.0"
         assert "torch" not in wheels and "triton" not in wheels, "torch and triton are the CUDA set's"
@@ -97,6 +103,13 @@ def test_nemo_check_runs_the_cpu_test_with_the_shells_python(flake):  # noqa: F8
         assert "pytest tests/test_nemo_automodel.py" in command and "HF_HUB_OFFLINE=1" in command
         assert 'NEMO_PYTHON="$(command -v python)"' in command
         assert 'and not nemo"' in checks[system]["pytest"]  # the pytest check leaves it to this one
+        # pyproject's addopts deselect the nemo marker: the check's own arguments must select its tests.
+        line = next(x for x in command.splitlines() if "python -m pytest" in x).split("#")[0].split()
+        collected = subprocess.run(
+            [sys.executable, *line[1:], "--collect-only", "-q", "-p", "no:xdist"],
+            cwd=REPO, capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        assert collected.returncode == 0 and "test_nemo_automodel.py::" in collected.stdout, collected.stdout
 
 
 def test_nemo_manifests_are_verified_and_follow_the_constraints():

@@ -5,10 +5,12 @@
 
 Offline: both train the same random-initialised Llama with a real architecture (bench/architectures.py;
 llama-3.2-3b by default) on the same SQuAD-shaped rows (AutoModel reads them as a local SQuAD dataset, our
-script as Alpaca rows with the same question, context and answer), 20 steps, sequences packed to 1024 tokens.
-AutoModel runs NVIDIA's command as written plus local-path overrides (model, dataset, no checkpoints); tokens/s
-and peak memory are the median of its logged `tps` and the maximum of its `mem` over the steps after the first,
-ours come from metrics.json. Writes OUT/nemo-gpu-check.json and prints a table. Needs a CUDA GPU; stdlib only.
+script as Alpaca rows with the same question, context and answer), 20 optimizer steps of the same size: the
+recipe's 64 packs of 1024 tokens per step (8 per micro-batch, 8 accumulated on one GPU), ours 8 accumulated
+micro-batches of up to 8192 real tokens. AutoModel runs NVIDIA's command as written plus local-path overrides
+(model, dataset, no checkpoints) and as many epochs as 20 steps need (the recipe stops after one); tokens/s and
+peak memory are the median of its logged `tps` (its packs' tokens, padding included) and the maximum of its
+`mem` over the steps after the first; ours come from metrics.json (real tokens). Writes OUT/nemo-gpu-check.json and prints a table. Needs a CUDA GPU; stdlib only.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ REPO = HERE.parent.parent
 sys.path.insert(0, str(HERE))
 from cpu_check import COMMANDS, PASSAGE, QUESTIONS, write_squad  # noqa: E402
 
+STEPS = 20  # NVIDIA's --step_scheduler.max_steps
 STEP_LINE = re.compile(r"step (\d+) \|.*\| mem ([\d.]+) GiB \| tps ([\d.]+)")
 
 
@@ -69,8 +72,11 @@ def automodel(args, model: Path, squad: Path, work: Path) -> dict:
     command += ["--model.pretrained_model_name_or_path", str(model)]
     command += ["--dataset.dataset_name", str(squad), "--validation_dataset.dataset_name", str(squad)]
     command += ["--step_scheduler.ckpt_every_steps", "1000000", "--step_scheduler.val_every_steps", "1000000"]
+    command += ["--step_scheduler.num_epochs", "1000"]  # NVIDIA's --step_scheduler.max_steps 20 ends it
     seconds = run(command, work, work / "automodel.log")
     steps = [tuple(map(float, m.groups())) for m in STEP_LINE.finditer((work / "automodel.log").read_text())]
+    if len(steps) < STEPS:
+        raise SystemExit(f"gpu_check: AutoModel logged {len(steps)} of {STEPS} steps ({work / 'automodel.log'})")
     timed = [s for s in steps if s[0] >= 1] or steps
     if not timed:
         raise SystemExit(f"gpu_check: no step lines in {work / 'automodel.log'}")
@@ -86,8 +92,9 @@ def automodel(args, model: Path, squad: Path, work: Path) -> dict:
 def ours(args, model: Path, data: Path, work: Path) -> dict:
     out = work / "ours"
     command = [args.ours_python, str(REPO / "scripts" / "llama3_8b_lora.py"), "--model_name", str(model)]
-    command += ["--dataset", str(data), "--max_steps", "20", "--seq_length", "1024", "--packing"]
-    command += ["--batch_size", "8", "--output_dir", str(out), "--overwrite_output_dir", "--force"]
+    command += ["--dataset", str(data), "--max_steps", str(STEPS), "--seq_length", "1024", "--packing"]
+    command += ["--batch_tokens", "8192", "--gradient_accumulation_steps", "8"]  # the recipe's step size
+    command += ["--output_dir", str(out), "--overwrite_output_dir", "--force"]
     seconds = run(command, work, work / "ours.log")
     metrics = json.loads((out / "metrics.json").read_text())
     return {

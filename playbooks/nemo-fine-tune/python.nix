@@ -90,7 +90,9 @@ in
 {
   inherit packages;
   # nemo-automodel pulls in the rest through its dependencies; `withPackages` adds nixpkgs' (pytest).
-  python = withPackages (_: [ ]);
+  # NVIDIA's QLoRA recipe loads the model in 4-bit with bitsandbytes, an optional extra of AutoModel's:
+  # the CUDA set's wheel, the pytorch-fine-tune shell's.
+  python = withPackages (ps: lib.optional (!cpuOnly) ps.bitsandbytes);
   inherit withPackages;
   # What a first `nix develop` downloads for this set, beyond the CUDA set.
   downloadBytes = lib.foldl' builtins.add 0 (lib.mapAttrsToList (_: spec: spec.size) manifest.wheels);
