@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from conftest import DATA
-from finetune.attention import PACKED_SDPA, segments
+from finetune.attention import PACKED_SDPA, flat_rows, segments
 from finetune.config import TrainConfig
 from finetune.data import (
     IGNORE_INDEX,
@@ -189,7 +189,9 @@ def test_packed_rows_pad_with_one_token_pieces():
     assert flat["input_ids"].shape == (1, 9) and real_tokens(flat) == (9, 3)
 
 
-@pytest.mark.parametrize(("attention", "row_length"), [("sdpa", None), ("eager", 128), (PACKED_SDPA, 96)])
+@pytest.mark.parametrize(
+    ("attention", "row_length"), [("sdpa", None), ("eager", 128), (PACKED_SDPA, 96), (PACKED_SDPA, None)]
+)
 def test_packed_examples_do_not_attend_to_each_other(tiny_model, tokenizer, attention, row_length):
     """Packing is exact: each packed example gets the logits it gets on its own, and the loss is the padded
     batch's, whether the examples share one row or several rows of at most `row_length` tokens."""
@@ -218,6 +220,20 @@ def test_packed_examples_do_not_attend_to_each_other(tiny_model, tokenizer, atte
                     logits[start:end], alone[tuple(row[start:end].tolist())], atol=1e-4, rtol=1e-4
                 )
     torch.testing.assert_close(packed_out.loss, padded_out.loss, atol=1e-5, rtol=1e-5)
+
+
+def test_training_packs_a_micro_batch_into_one_row_unless_the_attention_builds_a_mask(tokenizer):
+    """sdpa (run as packed_sdpa) and the flash kernels take one flat row, with no padding at all; eager, whose
+    mask is quadratic in the row, takes rows of at most --seq_length."""
+    examples, _ = build_examples(load_rows(str(DATA / "alpaca.jsonl")), "alpaca", tokenizer, _config())
+    tokens = sum(len(e["input_ids"]) for e in examples)
+    for attention in ("sdpa", PACKED_SDPA, "flash_attention_2", "eager"):
+        batch = Collator(tokenizer.pad_token_id, True, 128, flat_rows(attention))(examples)
+        if attention == "eager":
+            longest = max(len(e["input_ids"]) for e in examples)
+            assert batch["input_ids"].shape[0] > 1 and batch["input_ids"].shape[1] <= max(128, longest)
+        else:
+            assert tuple(batch["input_ids"].shape) == (1, tokens)
 
 
 def test_packed_sdpa_materialises_no_mask(tiny_model, tokenizer, monkeypatch):

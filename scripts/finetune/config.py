@@ -83,7 +83,7 @@ class TrainConfig:
     )
     seq_length: int = option("maximum tokens per example; longer examples are truncated", default=2048)
     packing: bool = option(
-        "padding-free packing: examples share rows of --seq_length tokens, positions restart per example",
+        "padding-free packing: a micro-batch's examples share one row (rows of --seq_length with eager attention), positions restart per example",
         default=True,
     )
     train_on_prompt: bool = option(
@@ -93,8 +93,7 @@ class TrainConfig:
     # Optimisation
     batch_size: int = option("examples per device per step", default=8)
     batch_tokens: int = option(
-        "fill each micro-batch with up to this many real tokens (rows of --seq_length) instead of "
-        "--batch_size examples; 0 = off",
+        "fill each micro-batch with up to this many real tokens instead of --batch_size examples; 0 = off",
         default=0,
     )
     gradient_accumulation_steps: int = option("micro-batches accumulated into one optimizer step", default=1)

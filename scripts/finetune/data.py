@@ -444,10 +444,10 @@ def token_batches(examples: list[dict], budget: int) -> list[list[dict]]:
 class Collator:
     """Builds batches either packed (padding-free, per-example position ids) or right-padded.
 
-    Packed examples go into rows of at most `row_length` tokens (one row when it is None, or when `flat`: the
-    flash-attention kernels read the examples' boundaries from the position ids of a single row). The last
-    rows are filled up with padding tokens, each at position 0 with no label, so each attends only to itself
-    and none to an example (see finetune.attention)."""
+    Packed examples go into rows of at most `row_length` tokens, or into one row when it is None or when
+    `flat` (the attention reads the examples' boundaries from the position ids: finetune.attention.flat_rows).
+    Short rows are filled up with padding tokens, each at position 0 with no label, so each attends only to
+    itself and none to an example."""
 
     pad_token_id: int
     packing: bool

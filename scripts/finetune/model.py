@@ -272,10 +272,12 @@ def load_model(cfg: TrainConfig, model_config, place: Placement):
     model = load_base(cfg, model_config, place)
     if cfg.uses_lora:
         model = _wrap_lora(model, cfg)
-        if place.device == "cpu":  # measured on the CPU only (see lora_fused)
-            from .lora_fused import fuse_lora_layers
+    if place.device == "cpu":  # measured on the CPU only (see lora_fused and swiglu)
+        from .lora_fused import fuse_lora_layers
+        from .swiglu import fuse_swiglu
 
-            fuse_lora_layers(model)
+        fuse_lora_layers(model)  # no LoRA layers in a full fine-tune: nothing to route
+        fuse_swiglu(model)
     model.config.use_cache = False  # the KV cache only costs memory in training
     return model
 
