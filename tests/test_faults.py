@@ -154,7 +154,15 @@ def _bad_header(checkpoint: Path) -> str:
     return "header does not parse"
 
 
-@pytest.mark.parametrize("damage", [_truncate, _missing_optimizer, _no_marker, _bad_header])
+def _bad_trainer_state(checkpoint: Path) -> str:
+    path = checkpoint / "trainer_state.json"
+    path.write_bytes(b"{" + b"x" * (path.stat().st_size - 1))  # same size, not JSON
+    return "trainer_state.json does not parse"
+
+
+@pytest.mark.parametrize(
+    "damage", [_truncate, _missing_optimizer, _no_marker, _bad_header, _bad_trainer_state]
+)
 def test_a_bad_newest_checkpoint_falls_back_to_the_newest_good_one(
     capsys, four_steps, six_steps, tiny_model, tmp_path, damage
 ):
@@ -540,6 +548,28 @@ def test_disk_estimate_for_an_8b_full_fine_tune():
     assert "9.3 GiB free" in str(refused.value) and "3 checkpoint(s) of ~44.9 GiB" in str(refused.value)
 
 
+def test_disk_estimate_counts_the_best_model_and_the_export():
+    """8B LoRA keeping its best model, merged to bf16 and converted to q8_0: the adapter is small, the export
+    is not (16 GB merged + 8.5 GB GGUF), and a disk that holds the adapter but not the export is refused."""
+    from finetune.model import count_parameters
+
+    cfg = TrainConfig(
+        model_name="meta-llama/Llama-3.1-8B-Instruct", output_dir="/x", load_best_model_at_end=True,
+        export={"merge": True, "gguf": "q8_0"},
+    )  # fmt: skip
+    total, trainable = count_parameters(cfg, _llama_8b())
+    plan = {"parameters": total, "trainable_parameters": trainable, "steps": 100}
+    _, final = diskspace.estimate(cfg, plan, torch.bfloat16.itemsize)
+    after = diskspace.after_training(cfg, plan, final)
+    assert after == pytest.approx(final + 2 * 8.03e9 + 8.03e9 * 34 / 32, rel=0.01)
+    check = diskspace.DiskCheck(free=20 * 10**9, checkpoint=final, checkpoints=2, final=final, already_used=0)
+    diskspace.enforce_disk(check, cfg)  # without the export, it fits
+    check.after = after
+    with pytest.raises(UserError) as refused:
+        diskspace.enforce_disk(check, cfg)
+    assert "best/ and the export ~23.0 GiB" in str(refused.value) and "--force" in str(refused.value)
+
+
 def test_out_of_memory_names_the_flags_that_would_fit():
     """8B LoRA, 8 × 2048 tokens, on an 80 GiB GPU: the pre-flight let it through, and it ran out at 79 GiB."""
     from finetune import preflight
@@ -568,3 +598,74 @@ def test_out_of_memory_names_the_flags_that_would_fit():
     )
     assert "it would fit with --gradient_checkpointing" in line and "--batch_size " in line
     assert "--gradient_checkpointing resumes this run" in line
+
+
+# ------------------------------------------------------------------------------------------------- sharded loop
+
+
+def _sharded_call(monkeypatch, call: int, fault):
+    """In the sharded loop (--shard), `fault(loss)` in place of the `call`-th micro-batch's loss."""
+    from finetune import sharding
+
+    real, calls = sharding.summed_loss, []
+
+    def summed_loss(*a, **k):
+        calls.append(1)
+        loss = real(*a, **k)
+        return fault(loss) if len(calls) == call else loss
+
+    monkeypatch.setattr(sharding, "summed_loss", summed_loss)
+
+
+def test_sharded_nan_loss_stops_with_the_last_good_checkpoint(capsys, monkeypatch, tiny_model, tmp_path):
+    out = tmp_path / "run"
+    _sharded_call(monkeypatch, 3, lambda loss: loss * float("nan"))
+    code, _, err = run_main(capsys, *args(tiny_model, out, "--max_steps", "6", "--shard"))
+    line = assert_one_line(code, err, EXIT_FAULT, "loss is nan at step 3", "bad row among training examples")
+    assert "after the eval split" in line and "checkpoint-2" in line and "--max_nan_steps" in line
+    assert [p.name for p in checkpoints.checkpoints_in(out / "checkpoints")] == ["checkpoint-2"]
+    assert not (out / "final").exists() and not (out / "metrics.json").exists()
+
+
+def test_sharded_max_nan_steps_drops_the_bad_update(capsys, monkeypatch, tiny_model, tmp_path):
+    out = tmp_path / "run"
+    _sharded_call(monkeypatch, 3, lambda loss: loss * float("inf"))
+    code, _, err = run_main(
+        capsys, *args(tiny_model, out, "--max_steps", "4", "--shard", "--max_nan_steps", "1")
+    )
+    assert code == 0, err[-3000:]
+    assert all(torch.isfinite(t).all() for t in adapter(out / "final").values())
+
+
+def test_sharded_disk_full_during_a_checkpoint_keeps_the_last_one(capsys, monkeypatch, tiny_model, tmp_path):
+    out = tmp_path / "run"
+    monkeypatch.setattr(torch, "save", _disk_full_in_checkpoint(4))
+    code, _, err = run_main(capsys, *args(tiny_model, out, "--max_steps", "6", "--shard"))
+    assert_one_line(
+        code, err, EXIT_FAULT, "disk full while saving checkpoint-4", "free", "checkpoint-2 is kept"
+    )
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2"]  # no .partial left
+    assert not (out / "final").exists() and not (out / LOCK_FILE).exists()
+
+    monkeypatch.undo()
+    code, stdout, err = run_main(capsys, *args(tiny_model, out, "--max_steps", "6", "--shard"))
+    assert code == 0, err[-3000:]
+    assert f"resuming from {out / 'checkpoints' / 'checkpoint-2'}" in stdout
+
+
+def test_sharded_out_of_memory_mid_run_is_one_line(capsys, monkeypatch, tiny_model, tmp_path):
+    def oom(loss):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    out = tmp_path / "run"
+    _sharded_call(monkeypatch, 4, oom)
+    code, _, err = run_main(capsys, *args(tiny_model, out, "--max_steps", "6", "--shard"))
+    line = assert_one_line(code, err, EXIT_FAULT, "out of memory at step 4", "peak", "estimated", "available")
+    assert f"saved step 3 to {out / 'checkpoints' / 'checkpoint-3'}" in line  # one process: it can save
+    assert checkpoints.problem(out / "checkpoints" / "checkpoint-3") is None
+    assert not (out / "final").exists() and not (out / LOCK_FILE).exists()
+
+    monkeypatch.undo()
+    code, stdout, err = run_main(capsys, *args(tiny_model, out, "--max_steps", "6", "--shard"))
+    assert code == 0, err[-3000:]
+    assert f"resuming from {out / 'checkpoints' / 'checkpoint-3'}" in stdout

@@ -264,8 +264,8 @@ def test_what_the_sharded_loop_lacks_is_refused_in_one_line():
     from finetune.config import parse_config
     from finetune.errors import UserError
 
-    with pytest.raises(UserError, match=r"--eval_steps, --max_nan_steps: not available with --shard"):
+    with pytest.raises(UserError, match=r"--eval_steps, --batch_tokens: not available with --shard"):
         parse_config(
-            ["--dataset", "x.jsonl", "--eval_steps", "5", "--max_nan_steps", "2"],
+            ["--dataset", "x.jsonl", "--eval_steps", "5", "--batch_tokens", "4096"],
             prog="t", description="t", defaults=llama3_70b_lora.DEFAULTS,
         )  # fmt: skip

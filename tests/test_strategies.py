@@ -87,6 +87,16 @@ def test_a_strategy_with_an_export_leaves_a_gguf_and_a_modelfile(tiny_model, tmp
     assert modelfile.startswith("FROM ./model-f16.gguf\n") and "<|eot_id|>" in modelfile
     assert f"ollama create tiny-llama -f {out / 'Modelfile'}" in printed
 
+    # An export that failed after training runs alone when the command is run again: nothing is retrained.
+    final = {p.name: p.read_bytes() for p in (out / "final").iterdir() if p.is_file()}
+    gguf.unlink()
+    (out / "Modelfile").unlink()
+    run(*cpu_tiny(tiny_model, out), "--max_steps", "4")
+    printed = capsys.readouterr().out
+    assert "already holds this run" in printed and "its export is missing" in printed
+    assert gguf.read_bytes()[:4] == b"GGUF" and (out / "Modelfile").read_text() == modelfile
+    assert {p.name: p.read_bytes() for p in (out / "final").iterdir() if p.is_file()} == final
+
 
 def test_a_full_fine_tune_is_converted_without_a_merge(tiny_model, tmp_path):
     config = tmp_path / "s.yaml"

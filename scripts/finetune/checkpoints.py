@@ -169,8 +169,13 @@ def _rotate(directory: Path, keep: int | None, protect: str | None) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def newest_good(directory: Path) -> Path | None:
+    """The newest checkpoint under `directory` that passes `problem`'s checks."""
+    return next((p for p in checkpoints_in(directory) if problem(p) is None), None)
+
+
 def kept_checkpoint(directory: Path) -> str:
-    good = next((p for p in checkpoints_in(directory) if problem(p) is None), None)
+    good = newest_good(directory)
     return f"{good} is kept" if good else "no checkpoint was kept (the run would start over)"
 
 
@@ -213,7 +218,7 @@ def save_atomically(trainer, save, model, trial) -> None:
             _fsync(root)
             _rotate(root, trainer.args.save_total_limit, trainer.state.best_model_checkpoint)
     except Exception as exc:
-        full = _disk_full(exc, root)
+        full = disk_full_at(exc, root)
         if main:
             shutil.rmtree(staging, ignore_errors=True)
             with contextlib.suppress(OSError):
@@ -230,7 +235,7 @@ def save_atomically(trainer, save, model, trial) -> None:
 NEARLY_FULL_BYTES = 16 * 1024**2
 
 
-def _disk_full(exc: BaseException, path: Path) -> bool:
+def disk_full_at(exc: BaseException, path: Path) -> bool:
     if is_disk_full(exc):
         return True
     if not isinstance(exc, (OSError, RuntimeError)):
@@ -247,7 +252,7 @@ def disk_full_is_one_line(what: str, out: Path):
     try:
         yield
     except Exception as exc:
-        if not _disk_full(exc, out):
+        if not disk_full_at(exc, out):
             raise
         kept = f"the previous {what} (if any) and the checkpoints are unchanged; {kept_checkpoint(out / outputs.CHECKPOINTS)}"
         raise UserError(disk_full_message(what, out, kept), EXIT_FAULT) from None

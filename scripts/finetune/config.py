@@ -423,7 +423,6 @@ def validate(cfg: TrainConfig) -> None:
                 ("eval_strategy", cfg.eval_strategy not in ("auto", "no")),
                 ("load_best_model_at_end", cfg.load_best_model_at_end),
                 ("early_stopping_patience", cfg.early_stopping_patience),
-                ("max_nan_steps", cfg.max_nan_steps),
                 ("batch_tokens", cfg.batch_tokens),
             )
             if on

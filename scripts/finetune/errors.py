@@ -21,9 +21,10 @@ EXIT_SIGTERM = 143
 class UserError(Exception):
     """A problem with the input that the user can act on. The message is shown as is, without a traceback."""
 
-    def __init__(self, message: str, exit_code: int = EXIT_USER_ERROR):
+    def __init__(self, message: str, exit_code: int = EXIT_USER_ERROR, every_rank: bool = False):
         super().__init__(message)
         self.exit_code = exit_code
+        self.every_rank = every_rank  # raised alike on every rank of a torchrun job: only rank 0 prints it
 
 
 class Interrupted(Exception):
@@ -66,7 +67,8 @@ def run_cli(main: Callable[[], object]) -> None:
         quiet_libraries()
         main()
     except UserError as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
+        if not exc.every_rank or os.environ.get("RANK", "0") == "0":
+            print(f"{prog}: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except Interrupted as exc:
         print(f"interrupted: {exc}", file=sys.stderr)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from .checkpoints import checkpoint_name, checkpoints_in, problem
+from .checkpoints import checkpoint_name, newest_good, problem
 from .errors import EXIT_FAULT, UserError
 from .preflight import MemoryCheck, _suggestions
 from .report import human_bytes, peak_memory_bytes
@@ -28,7 +28,7 @@ def _any_rank(flag: bool, device: str) -> bool:
 
 
 def _newest_checkpoint(trainer) -> Path | None:
-    return next((p for p in checkpoints_in(Path(trainer.args.output_dir)) if problem(p) is None), None)
+    return newest_good(Path(trainer.args.output_dir))
 
 
 class NonFiniteLossGuard(TrainerCallback):
@@ -65,26 +65,32 @@ class NonFiniteLossGuard(TrainerCallback):
         return control
 
     def raise_if_stopped(self, cfg, place) -> None:
-        if self.stopped_at is None:
-            return
-        checkpoint = _newest_checkpoint(self.trainer)
-        kept = (
-            f"the last good checkpoint is kept: {checkpoint}"
-            if checkpoint
-            else "no checkpoint was saved before it"
-        )
-        skipped = (
-            f" ({len(self.bad_steps) - 1} earlier such step(s) skipped)" if len(self.bad_steps) > 1 else ""
-        )
-        fp16 = (
-            "fp16 overflow (try --dtype bfloat16)" if place.mixed_precision == "fp16" else "numeric overflow"
-        )
-        raise UserError(
-            f"training stopped: the loss is {self.loss} at step {self.stopped_at}{skipped}; likely causes: "
-            f"--learning_rate {cfg.learning_rate:g} too high, {fp16}, or a bad row in that step's batch; {kept}; "
-            f"--max_nan_steps N skips up to N such steps",
-            EXIT_FAULT,
-        )
+        if self.stopped_at is not None:
+            checkpoint = _newest_checkpoint(self.trainer)
+            raise non_finite_loss_error(
+                self.loss, self.stopped_at, len(self.bad_steps) - 1, cfg, place, checkpoint
+            )
+
+
+def non_finite_loss_error(
+    loss: float | None, step: int, skipped: int, cfg, place, checkpoint: Path | None, rows: str = ""
+) -> UserError:
+    """One line: the step, the likely causes and what was kept. `rows` names the step's data rows, if known."""
+    kept = (
+        f"the last good checkpoint is kept: {checkpoint}"
+        if checkpoint
+        else "no checkpoint was saved before it"
+    )
+    earlier = f" ({skipped} earlier such step(s) skipped)" if skipped else ""
+    fp16 = "fp16 overflow (try --dtype bfloat16)" if place.mixed_precision == "fp16" else "numeric overflow"
+    bad_row = f"a bad row among {rows}" if rows else "a bad row in that step's batch"
+    return UserError(
+        f"training stopped: the loss is {loss} at step {step}{earlier}; likely causes: "
+        f"--learning_rate {cfg.learning_rate:g} too high, {fp16}, or {bad_row}; {kept}; "
+        f"--max_nan_steps N skips up to N such steps",
+        EXIT_FAULT,
+        every_rank=True,
+    )
 
 
 def close_progress_bar(trainer) -> None:

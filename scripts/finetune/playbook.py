@@ -20,7 +20,7 @@ from .outputs import CHECKPOINTS, finished_run, is_main_process, prepare_output_
 from .preflight import check_memory, enforce
 from .report import plan_text, summary_table
 from .sharding import train_sharded
-from .strategies import describe_export, describe_strategy, run_export
+from .strategies import describe_export, describe_strategy, export_paths, run_export
 from .train import train, world_size
 
 
@@ -151,6 +151,10 @@ def main(
         finished = None if cfg.dry_run else finished_run(cfg)
         if finished:  # before anything is loaded: nothing is recomputed
             print(finished, flush=True)
+            missing = [str(p) for p in export_paths(cfg).values() if not p.exists()]
+            if missing and is_main_process():  # the export failed or was stopped: only it runs again
+                print(f"its export is missing ({', '.join(missing)}): exporting", flush=True)
+                run_export(cfg)
             return
         metrics = (runner or run)(cfg)
         if metrics is not None and cfg.export and is_main_process():

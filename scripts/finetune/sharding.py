@@ -23,11 +23,13 @@ to the others when resuming.
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import os
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +39,8 @@ import torch.distributed as dist
 from . import checkpoints
 from .config import TrainConfig
 from .data import IGNORE_INDEX, Collator, PreparedData, real_tokens
-from .errors import EXIT_SIGINT, EXIT_SIGTERM, Interrupted, UserError
+from .errors import EXIT_FAULT, EXIT_SIGINT, EXIT_SIGTERM, Interrupted, UserError
+from .guards import OutOfMemoryMidRun, is_out_of_memory, non_finite_loss_error
 from .model import Placement, hub_failure, lora_config
 from .outputs import CHECKPOINTS, FINAL, METRICS, RUN_FILE, is_main_process, replace_dir
 from .plot import write_loss_plot
@@ -298,15 +301,35 @@ def _options(cfg: TrainConfig, **kwargs):
     return StateDictOptions(full_state_dict=True, ignore_frozen_params=cfg.uses_lora, **kwargs)
 
 
-def save_checkpoint(model, optimizer, scheduler, state: LoopState, cfg: TrainConfig, out: Path) -> Path:
+def rank_zero_writes(what: str, out: Path, partial: Path, device, write: Callable[[], None]) -> None:
+    """`write()` on rank 0, the only writer. A full disk there removes its `partial` output and becomes one line
+    on every rank (the others learn of it through a collective, so no rank waits forever)."""
+    message = None
+    if is_main_process():
+        try:
+            write()
+        except Exception as exc:
+            shutil.rmtree(partial, ignore_errors=True)
+            if not checkpoints.disk_full_at(exc, out):
+                raise
+            kept = checkpoints.kept_checkpoint(out / CHECKPOINTS)
+            message = checkpoints.disk_full_message(what, out, kept)
+    if all_sum(float(message is not None), device):
+        raise UserError(message or f"disk full on rank 0 while saving {what}", EXIT_FAULT, every_rank=True)
+
+
+def save_checkpoint(
+    model, optimizer, scheduler, state: LoopState, cfg: TrainConfig, out: Path, device
+) -> Path:
     """checkpoints/checkpoint-N: gathered to rank 0 and written by it, swapped in whole; the oldest beyond
     --save_total_limit removed."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_state, optimizer_state = get_state_dict(model, optimizer, options=_options(cfg, cpu_offload=True))
     target = out / CHECKPOINTS / f"checkpoint-{state.global_step}"
-    if is_main_process():
-        partial = target.with_name(f".{target.name}.partial")
+    partial = target.with_name(f".{target.name}.partial")
+
+    def write() -> None:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
         torch.save({"model": model_state, "optimizer": optimizer_state}, partial / WEIGHTS_FILE)
@@ -325,7 +348,8 @@ def save_checkpoint(model, optimizer, scheduler, state: LoopState, cfg: TrainCon
         done = sorted(target.parent.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
         for old in done[: -cfg.save_total_limit]:
             shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
+
+    rank_zero_writes(target.name, out, partial, device, write)
     return target
 
 
@@ -356,14 +380,15 @@ def load_checkpoint(model, optimizer, scheduler, cfg: TrainConfig, checkpoint: P
     return LoopState(saved["global_step"], saved["log_history"])
 
 
-def save_final_sharded(model, tokenizer, cfg: TrainConfig, out: Path) -> Path:
+def save_final_sharded(model, tokenizer, cfg: TrainConfig, out: Path, device) -> Path:
     """final/: the adapter (or full model) gathered once and written by rank 0 in its usual format, swapped in
     whole; a crash on any rank before the swap leaves no final/ (and no half of one)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     state = get_model_state_dict(model, options=_options(cfg, cpu_offload=True))
     final, partial = out / FINAL, out / f".{FINAL}.partial"
-    if is_main_process():
+
+    def write() -> None:
         shutil.rmtree(partial, ignore_errors=True)
         model.config.use_cache = True
         if cfg.uses_lora:
@@ -379,7 +404,8 @@ def save_final_sharded(model, tokenizer, cfg: TrainConfig, out: Path) -> Path:
                 model.generation_config.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
         replace_dir(partial, final)
-    dist.barrier()
+
+    rank_zero_writes(f"{FINAL}/", out, partial, device, write)
     return final
 
 
@@ -416,6 +442,24 @@ def evaluate_sharded(
     return all_sum(float(total), device) / tokens if tokens else None
 
 
+def _save_after_oom(model, state: LoopState, world: int, out: Path, save: Callable[[], Path]) -> str:
+    """After running out of memory mid-step: a checkpoint of the last finished step where that is possible (one
+    process; with several, the others are inside the step's collectives); says what was kept."""
+    newest = checkpoints.newest_good(out / CHECKPOINTS)
+    if world > 1:
+        return f"not saved (the other ranks are mid-step); newest checkpoint: {newest or 'none'}"
+    if state.global_step == 0:
+        return "no step had finished, nothing to save"
+    model.zero_grad(set_to_none=True)  # the failed step's partial gradients
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    try:
+        return f"saved step {state.global_step} to {save()}"
+    except Exception as exc:  # the out-of-memory line matters more than this one
+        return f"saving step {state.global_step} failed ({str(exc).splitlines()[0][:120]}); newest checkpoint: {newest or 'none'}"
+
+
 def train_sharded(
     cfg: TrainConfig, tokenizer, data: PreparedData, place: Placement, resume_from: str | None, plan: dict
 ) -> dict:
@@ -449,6 +493,11 @@ def _train(cfg, tokenizer, data, place, resume_from, plan, rank: int, world: int
     per_rank = cfg.batch_size * cfg.gradient_accumulation_steps
     signals = StepEndCallback(None, place.device)  # its save-and-stop signal handling, agreed by every rank
     tokens_seen = samples_seen = 0
+    bad_steps: list[int] = []  # steps whose loss was NaN or infinite
+
+    def save() -> Path:
+        return save_checkpoint(model, optimizer, scheduler, state, cfg, out, device)
+
     model.train()
     signals.install()
     started = time.perf_counter()
@@ -462,19 +511,39 @@ def _train(cfg, tokenizer, data, place, resume_from, plan, rank: int, world: int
             ]
             step_tokens = max(all_sum(sum(map(loss_token_count, batches)), device), 1.0)
             step_loss = torch.zeros((), dtype=torch.float64)
-            for batch in batches:
-                tokens, samples = real_tokens(batch)
-                tokens_seen, samples_seen = tokens_seen + tokens, samples_seen + samples
-                loss = summed_loss(model, batch, device)
-                # FSDP averages gradients over the ranks; the loss is the mean over the whole step's tokens.
-                (loss * (world / step_tokens)).backward()
-                step_loss += loss.detach().double().cpu()
-            torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
-            optimizer.step()
+            try:
+                for batch in batches:
+                    tokens, samples = real_tokens(batch)
+                    tokens_seen, samples_seen = tokens_seen + tokens, samples_seen + samples
+                    loss = summed_loss(model, batch, device)
+                    # FSDP averages gradients over the ranks; the loss is the mean over the step's tokens.
+                    (loss * (world / step_tokens)).backward()
+                    step_loss += loss.detach().double().cpu()
+            except (RuntimeError, MemoryError) as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                failed = True
+            else:
+                failed = False
+            if failed:  # outside the except block: the failed step's tensors are freed with the exception
+                peak = peak_memory_bytes(place.device)
+                kept = _save_after_oom(model, state, world, out, save)
+                raise OutOfMemoryMidRun(state.global_step + 1, kept, peak)
+            loss_value = all_sum(float(step_loss), device) / step_tokens  # the same on every rank
+            if math.isfinite(loss_value):
+                torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
+                optimizer.step()
+            else:  # the update is dropped; the run stops after --max_nan_steps such steps
+                bad_steps.append(state.global_step + 1)
+                if len(bad_steps) > cfg.max_nan_steps:
+                    newest = checkpoints.newest_good(out / CHECKPOINTS)
+                    rows = f"training examples {', '.join(map(str, sorted(chosen)))} (0-based, after the eval split)"
+                    raise non_finite_loss_error(
+                        loss_value, bad_steps[-1], len(bad_steps) - 1, cfg, place, newest, rows
+                    )
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state.global_step += 1
-            loss_value = all_sum(float(step_loss), device) / step_tokens
             state.log_history.append({"step": state.global_step, STEP_LOSS: loss_value})
             if state.global_step % cfg.logging_steps == 0 or state.global_step == steps:
                 entry = {
@@ -487,7 +556,7 @@ def _train(cfg, tokenizer, data, place, resume_from, plan, rank: int, world: int
                     print(entry, flush=True)
             stop = signals._stop_requested()
             if stop or (state.global_step % cfg.save_steps == 0 and state.global_step < steps):
-                checkpoint = save_checkpoint(model, optimizer, scheduler, state, cfg, out)
+                checkpoint = save()
             if stop and state.global_step < steps:
                 code = EXIT_SIGINT if signals.signal_received == signal.SIGINT else EXIT_SIGTERM
                 raise Interrupted(
@@ -518,7 +587,7 @@ def _train(cfg, tokenizer, data, place, resume_from, plan, rank: int, world: int
         "sharding": {"strategy": STRATEGY, "parameters": total_params, "parameters_per_rank": held_per_rank},
         "step_losses": [e[STEP_LOSS] for e in state.log_history if STEP_LOSS in e],
     }
-    final = save_final_sharded(model, tokenizer, cfg, out)
+    final = save_final_sharded(model, tokenizer, cfg, out, device)
     if is_main_process():
         metrics["final_dir"] = str(final)
         metrics["metrics_file"] = str(out / METRICS)
