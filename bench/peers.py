@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -114,27 +115,43 @@ def fetch_nvidia(mirror: Path, out: Path) -> Path:
 # ------------------------------------------------------------------------------------------------ model, data
 
 
-def prepare(out: Path) -> tuple[Path, Path, dict]:
+def model_shape(width: str, layers: int) -> dict:
+    """The benchmark's ~63M model, or Llama 3.1 8B's true width (its 128,256-entry vocabulary included) with
+    `layers` decoder layers."""
+    if width == "bench":
+        return MODEL
+    import architectures
+
+    shape = dict(architectures.ARCHITECTURES["llama-3.1-8b"], num_hidden_layers=layers)
+    shape["tie_word_embeddings"] = False
+    return shape
+
+
+def prepare(
+    out: Path, width: str = "bench", layers: int = 4, rows_count: int = ROWS
+) -> tuple[Path, Path, dict]:
     """The model, the rows (Alpaca jsonl and LLaMA-Factory's dataset_info.json) and their token counts."""
     import torch
     from finetune.tiny import build_tiny_model
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    model_dir, data = out / "model", out / "data"
+    model_dir = out / ("model" if width == "bench" else f"model-{width}-L{layers}")
+    data = out / ("data" if rows_count == ROWS else f"data-{rows_count}")
     if not (model_dir / "config.json").is_file():
         tiny = build_tiny_model(out / "tiny")
         tokenizer = AutoTokenizer.from_pretrained(tiny)
         config = LlamaConfig.from_pretrained(tiny)
-        for key, value in MODEL.items():
+        shape = model_shape(width, layers)
+        for key, value in shape.items():
             setattr(config, key, value)
-        config.head_dim = MODEL["hidden_size"] // MODEL["num_attention_heads"]
+        config.head_dim = shape["hidden_size"] // shape["num_attention_heads"]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             model = LlamaForCausalLM(config)
         model.save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)
     data.mkdir(parents=True, exist_ok=True)
-    rows = synthetic.generate(ROWS, seed=0)
+    rows = synthetic.generate(rows_count, seed=0)
     synthetic.write(data / "alpaca.jsonl", rows)
     (data / "alpaca.json").write_text(json.dumps(rows))
     info = {"bench_alpaca": {"file_name": "alpaca.json"}}  # LLaMA-Factory's alpaca columns are the default
@@ -169,20 +186,35 @@ def nvidia_text(row: dict, eos: str) -> str:
 # ------------------------------------------------------------------------------------------------ runs
 
 
-def measured(command: list, cwd: Path, env: dict | None = None) -> tuple[str, int]:
-    """Run `command` in a fresh process under this one; (its output, its peak RSS in bytes)."""
+def measured(
+    command: list, cwd: Path, env: dict | None = None, timeout: float | None = None
+) -> tuple[str, int]:
+    """Run `command` in a fresh process under this one; (its output, its peak RSS in bytes). Past `timeout`
+    seconds its whole process group is killed and TimeoutError raised."""
     probe = (
         "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
         "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
         "sys.exit(r.returncode)"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", probe, *map(str, command)], cwd=cwd, env=env, capture_output=True, text=True
-    )
-    if result.returncode != 0:
-        sys.exit(f"{command[0]} ... failed:\n{result.stderr[-3000:]}")
-    peak = int(re.search(r"PEAK_RSS_KB (\d+)", result.stderr).group(1)) * 1024
-    return result.stdout + result.stderr, peak
+    with subprocess.Popen(
+        [sys.executable, "-c", probe, *map(str, command)],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    ) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise TimeoutError(f"{command[0]} ... did not finish within {timeout:.0f} s") from None
+    if process.returncode != 0:
+        sys.exit(f"{command[0]} ... failed:\n{stderr[-3000:]}")
+    peak = int(re.search(r"PEAK_RSS_KB (\d+)", stderr).group(1)) * 1024
+    return stdout + stderr, peak
 
 
 def run_ours(model: Path, data: Path, out: Path, extra: list[str]) -> dict:
@@ -205,7 +237,9 @@ def run_ours(model: Path, data: Path, out: Path, extra: list[str]) -> dict:
             "loss": metrics["train_loss"]}  # fmt: skip
 
 
-def run_llama_factory(venv: Path, model: Path, data: Path, out: Path, tokens: int) -> dict:
+def run_llama_factory(
+    venv: Path, model: Path, data: Path, out: Path, tokens: int, checkpointing: bool = True
+) -> dict:
     target = out / "llama-factory"
     settings = {
         "model_name_or_path": str(model), "trust_remote_code": False, "stage": "sft", "do_train": True,
@@ -216,6 +250,7 @@ def run_llama_factory(venv: Path, model: Path, data: Path, out: Path, tokens: in
         "logging_steps": 1, "save_strategy": "no", "per_device_train_batch_size": BATCH,
         "gradient_accumulation_steps": 1, "learning_rate": 1.0e-4, "num_train_epochs": 1.0,
         "lr_scheduler_type": "linear", "bf16": False, "report_to": "none", "seed": 42,
+        "disable_gradient_checkpointing": not checkpointing,  # on by default: less memory, ~1/3 more compute
     }  # fmt: skip
     import yaml
 
@@ -247,17 +282,26 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def run_nvidia(script: Path, model: Path, data: Path, out: Path, batch: int, tokens: int) -> dict:
+def run_nvidia(
+    script: Path, model: Path, data: Path, out: Path, batch: int, tokens: int, rows: int, timeout: float
+) -> dict:
     command = [sys.executable, "-c", NVIDIA_RUNNER, data / "alpaca.jsonl", script, "--model_name", model]
     command += ["--dtype", "float32", "--batch_size", batch, "--seq_length", SEQ_LENGTH, "--num_epochs", 1]
-    command += ["--dataset_size", ROWS, "--lora_rank", 8, "--log_dir", out / "nvidia-logs"]
-    output, peak = measured(command, out)
+    command += ["--dataset_size", rows, "--lora_rank", 8, "--log_dir", out / "nvidia-logs"]
+    try:
+        output, peak = measured(command, out, timeout=timeout)
+    except TimeoutError:  # its torch.compile recompiles for every new padded length; on the CPU that is slow
+        return {"timeout": timeout}
     seconds = float(re.search(r"Training runtime: ([\d.]+)", output).group(1))
     loss = float(re.search(r"Train loss: ([\d.]+)", output).group(1))
     return {"seconds": seconds, "tokens": tokens, "peak": peak, "loss": loss}
 
 
 def row(name: str, result: dict) -> str:
+    if "timeout" in result:
+        return (
+            f"| {name} | did not finish within {result['timeout']:.0f} s (compile, warm-up and epoch) | | | |"
+        )
     return (
         f"| {name} | {result['seconds']:.0f} s | {result['tokens'] / result['seconds']:.0f} | "
         f"{result['peak'] / 2**30:.2f} GiB | {result['loss']:.3f} |"
@@ -267,7 +311,7 @@ def row(name: str, result: dict) -> str:
 def run(args) -> None:
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    model, data, tokens = prepare(out)
+    model, data, tokens = prepare(out, args.width, args.layers, args.rows)
     script = out / NVIDIA_SCRIPT
     nvidia_same_tokens = round(ROWS_PER_STEP * SEQ_LENGTH / tokens["nvidia_mean"])
     settings = {
@@ -283,25 +327,38 @@ def run(args) -> None:
         "| --- | ---: | ---: | ---: | ---: |",
     ]
     results = {}
-    lf = None
+    lf = lf_fast = None
     for key, (
         title,
         ours_flags,
         nvidia_batch,
     ) in settings.items():  # interleaved: ours, LLaMA-Factory, NVIDIA
         ours = run_ours(model, data, out, ours_flags)
-        if lf is None:  # its packed rows of 512, 8 per step, are both settings at once
+        # Its packed rows of 512, 8 per step, are both settings at once: its default (gradient checkpointing
+        # on) in (a), and without checkpointing, its fastest, in (b).
+        if lf is None:
             lf = run_llama_factory(args.venv.resolve(), model, data, out, tokens["chat"])
+        elif lf_fast is None:
+            lf_fast = run_llama_factory(args.venv.resolve(), model, data, out, tokens["chat"], False)
         nvidia = (
-            run_nvidia(script, model, data, out, nvidia_batch, tokens["nvidia"]) if script.is_file() else None
+            run_nvidia(
+                script, model, data, out, nvidia_batch, tokens["nvidia"], args.rows, args.nvidia_timeout
+            )
+            if script.is_file() and not args.skip_nvidia
+            else None
         )
-        results[key] = {"ours": ours, "llama-factory": lf, "nvidia": nvidia}
+        results[key] = {"ours": ours, "llama-factory": lf, "llama-factory-no-checkpointing": lf_fast}
+        results[key]["nvidia"] = nvidia
         lines.append(f"| **({key}) {title}** | | | | |")
         lines.append(row(f"ours `{' '.join(map(str, ours_flags))}`", ours))
         lines.append(row("LLaMA-Factory 0.9.5, `packing` + `neat_packing`, batch 8", lf))
+        if lf_fast:
+            lines.append(row("LLaMA-Factory, the same with `disable_gradient_checkpointing`", lf_fast))
         if nvidia:
             lines.append(row(f"NVIDIA's script, `--batch_size {nvidia_batch}`", nvidia))
-    (out / "peers.json").write_text(json.dumps(results, indent=2))
+    name = "peers" if args.width == "bench" else f"peers-{args.width}-L{args.layers}"
+    (out / f"{name}.json").write_text(json.dumps(results, indent=2))
+    print(f"{model.name}: {args.rows} rows, {tokens['chat']:,} tokens in the chat format")
     print("\n".join(lines))
 
 
@@ -318,6 +375,21 @@ def main(argv: list[str] | None = None) -> None:
     bench = commands.add_parser("run", help="the table: ours, LLaMA-Factory and NVIDIA's script, interleaved")
     bench.add_argument("--venv", type=Path, required=True, help="LLaMA-Factory's venv (setup-llama-factory)")
     bench.add_argument("--out", type=Path, default=BENCH / "results" / "peers")
+    bench.add_argument(
+        "--width",
+        choices=("bench", "8b"),
+        default="bench",
+        help="the ~63M model, or Llama 3.1 8B's true width",
+    )
+    bench.add_argument("--layers", type=int, default=1, help="decoder layers at --width 8b")
+    bench.add_argument("--rows", type=int, default=ROWS, help="Alpaca-shaped rows: one epoch of them")
+    bench.add_argument("--skip_nvidia", action="store_true", help="leave NVIDIA's script out")
+    bench.add_argument(
+        "--nvidia_timeout",
+        type=float,
+        default=1800,
+        help="seconds NVIDIA's script may take, compile included",
+    )
     args = parser.parse_args(argv)
     if args.command == "setup-llama-factory":
         setup_llama_factory(args.venv)
