@@ -30,7 +30,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from finetune.attention import PACKED_SDPA
+    from finetune.attention import PACKED_SDPA, flat_rows
     from finetune.data import Collator, build_examples, load_rows, token_batches
     from finetune.lora_fused import fuse_lora_layers
     from finetune.train import loss_positions_only
@@ -42,7 +42,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     settings = SimpleNamespace(seq_length=peers.SEQ_LENGTH, train_on_prompt=False)
     examples, _ = build_examples(load_rows(str(data / "alpaca.jsonl")), "alpaca", tokenizer, settings)
-    collate = Collator(tokenizer.eos_token_id, True, peers.SEQ_LENGTH)
+    collate = Collator(tokenizer.eos_token_id, True, peers.SEQ_LENGTH, flat_rows(PACKED_SDPA))  # as training
     batch = loss_positions_only(collate(token_batches(examples, args.tokens)[0]))
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=torch.float32, attn_implementation=PACKED_SDPA

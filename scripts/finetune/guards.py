@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,10 +26,6 @@ def _any_rank(flag: bool, device: str) -> bool:
     tensor = torch.tensor([int(flag)], device=where)
     torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
     return bool(tensor.item())
-
-
-def _newest_checkpoint(trainer) -> Path | None:
-    return newest_good(Path(trainer.args.output_dir))
 
 
 class NonFiniteLossGuard(TrainerCallback):
@@ -66,7 +63,7 @@ class NonFiniteLossGuard(TrainerCallback):
 
     def raise_if_stopped(self, cfg, place) -> None:
         if self.stopped_at is not None:
-            checkpoint = _newest_checkpoint(self.trainer)
+            checkpoint = newest_good(Path(self.trainer.args.output_dir))
             raise non_finite_loss_error(
                 self.loss, self.stopped_at, len(self.bad_steps) - 1, cfg, place, checkpoint
             )
@@ -120,27 +117,38 @@ class OutOfMemoryMidRun(Exception):
         self.step, self.saved, self.peak = step, saved, peak
 
 
-def save_after_oom(trainer) -> str:
-    """Checkpoint the last finished step, once the failed step's tensors are freed. Says what was kept."""
-    step = trainer.state.global_step
-    root = Path(trainer.args.output_dir)
+def save_last_step(model, step: int, directory: Path, save: Callable[[], Path], distributed: bool) -> str:
+    """After running out of memory mid-step: `save()` the last finished step, once the failed step's gradients
+    and cached blocks are freed; says what was kept. With several ranks nothing is saved: the others are inside
+    the failed step's collectives."""
+    newest = newest_good(directory)
     if step == 0:
         return "no step had finished, nothing to save"
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        newest = _newest_checkpoint(trainer)
+    if distributed:
         return f"not saved (the other ranks are mid-step); newest checkpoint: {newest or 'none'}"
-    if (root / checkpoint_name(step)).is_dir() and problem(root / checkpoint_name(step)) is None:
-        return f"{root / checkpoint_name(step)} holds step {step}"
-    trainer.model.zero_grad(set_to_none=True)
+    model.zero_grad(set_to_none=True)
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     try:
-        trainer._save_checkpoint(trainer.model, None)
+        return f"saved step {step} to {save()}"
     except Exception as exc:  # the out-of-memory line matters more than this one
-        newest = _newest_checkpoint(trainer)
         return f"saving step {step} failed ({str(exc).splitlines()[0][:120]}); newest checkpoint: {newest or 'none'}"
-    return f"saved step {step} to {root / checkpoint_name(step)}"
+
+
+def save_after_oom(trainer) -> str:
+    """`save_last_step` for the Trainer's loop, unless a checkpoint of that step is already there."""
+    step, root = trainer.state.global_step, Path(trainer.args.output_dir)
+    target = root / checkpoint_name(step)
+    if step and target.is_dir() and problem(target) is None:
+        return f"{target} holds step {step}"
+
+    def save() -> Path:
+        trainer._save_checkpoint(trainer.model, None)
+        return target
+
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return save_last_step(trainer.model, step, root, save, distributed)
 
 
 def train_or_save_on_oom(trainer, resume_from: str | None, device: str) -> None:

@@ -23,7 +23,6 @@ to the others when resuming.
 from __future__ import annotations
 
 import contextlib
-import gc
 import math
 import os
 import shutil
@@ -40,7 +39,7 @@ from . import checkpoints
 from .config import TrainConfig
 from .data import IGNORE_INDEX, Collator, PreparedData, real_tokens
 from .errors import EXIT_FAULT, EXIT_SIGINT, EXIT_SIGTERM, Interrupted, UserError
-from .guards import OutOfMemoryMidRun, is_out_of_memory, non_finite_loss_error
+from .guards import OutOfMemoryMidRun, is_out_of_memory, non_finite_loss_error, save_last_step
 from .model import Placement, hub_failure, lora_config
 from .outputs import CHECKPOINTS, FINAL, METRICS, RUN_FILE, is_main_process, replace_dir
 from .plot import write_loss_plot
@@ -442,24 +441,6 @@ def evaluate_sharded(
     return all_sum(float(total), device) / tokens if tokens else None
 
 
-def _save_after_oom(model, state: LoopState, world: int, out: Path, save: Callable[[], Path]) -> str:
-    """After running out of memory mid-step: a checkpoint of the last finished step where that is possible (one
-    process; with several, the others are inside the step's collectives); says what was kept."""
-    newest = checkpoints.newest_good(out / CHECKPOINTS)
-    if world > 1:
-        return f"not saved (the other ranks are mid-step); newest checkpoint: {newest or 'none'}"
-    if state.global_step == 0:
-        return "no step had finished, nothing to save"
-    model.zero_grad(set_to_none=True)  # the failed step's partial gradients
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    try:
-        return f"saved step {state.global_step} to {save()}"
-    except Exception as exc:  # the out-of-memory line matters more than this one
-        return f"saving step {state.global_step} failed ({str(exc).splitlines()[0][:120]}); newest checkpoint: {newest or 'none'}"
-
-
 def train_sharded(
     cfg: TrainConfig, tokenizer, data: PreparedData, place: Placement, resume_from: str | None, plan: dict
 ) -> dict:
@@ -511,6 +492,7 @@ def _train(cfg, tokenizer, data, place, resume_from, plan, rank: int, world: int
             ]
             step_tokens = max(all_sum(sum(map(loss_token_count, batches)), device), 1.0)
             step_loss = torch.zeros((), dtype=torch.float64)
+            out_of_memory = False
             try:
                 for batch in batches:
                     tokens, samples = real_tokens(batch)
@@ -522,12 +504,12 @@ def _train(cfg, tokenizer, data, place, resume_from, plan, rank: int, world: int
             except (RuntimeError, MemoryError) as exc:
                 if not is_out_of_memory(exc):
                     raise
-                failed = True
-            else:
-                failed = False
-            if failed:  # outside the except block: the failed step's tensors are freed with the exception
+                out_of_memory = True
+            if (
+                out_of_memory
+            ):  # outside the except block: the failed step's tensors are freed with the exception
                 peak = peak_memory_bytes(place.device)
-                kept = _save_after_oom(model, state, world, out, save)
+                kept = save_last_step(model, state.global_step, out / CHECKPOINTS, save, world > 1)
                 raise OutOfMemoryMidRun(state.global_step + 1, kept, peak)
             loss_value = all_sum(float(step_loss), device) / step_tokens  # the same on every rank
             if math.isfinite(loss_value):
