@@ -25,6 +25,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+# The peers run in the environment this process was given: importing finetune sets THP_MEM_ALLOC_ENABLE (huge
+# pages for large CPU tensors, finetune/allocator.py), ours alone, which LLaMA-Factory must not inherit.
+PEER_ENV = dict(os.environ)
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path[:0] = [str(BENCH), str(REPO / "scripts")]
@@ -258,7 +261,7 @@ def run_llama_factory(
         out / "llama-factory.yaml"
     )  # llamafactory-cli reads .json configs wrongly in 0.9.5 (json.load(Path))
     config.write_text(yaml.safe_dump(settings))
-    env = {**os.environ, "DISABLE_VERSION_CHECK": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**PEER_ENV, "DISABLE_VERSION_CHECK": "1", "HF_HUB_OFFLINE": "1"}
     _, peak = measured([venv / "bin" / "llamafactory-cli", "train", config], out, env)
     result = json.loads((target / "train_results.json").read_text())
     return {"seconds": result["train_runtime"], "tokens": tokens, "peak": peak, "loss": result["train_loss"]}
@@ -289,7 +292,7 @@ def run_nvidia(
     command += ["--dtype", "float32", "--batch_size", batch, "--seq_length", SEQ_LENGTH, "--num_epochs", 1]
     command += ["--dataset_size", rows, "--lora_rank", 8, "--log_dir", out / "nvidia-logs"]
     try:
-        output, peak = measured(command, out, timeout=timeout)
+        output, peak = measured(command, out, PEER_ENV, timeout=timeout)
     except TimeoutError:  # its torch.compile recompiles for every new padded length; on the CPU that is slow
         return {"timeout": timeout}
     seconds = float(re.search(r"Training runtime: ([\d.]+)", output).group(1))
@@ -308,6 +311,14 @@ def row(name: str, result: dict) -> str:
     )
 
 
+def median_result(results: list[dict]) -> dict:
+    """Each figure's median over repeated runs (a run that timed out stands for all)."""
+    timed_out = [r for r in results if "timeout" in r]
+    if timed_out:
+        return timed_out[0]
+    return {key: statistics.median(r[key] for r in results) for key in results[0]}
+
+
 def run(args) -> None:
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -322,43 +333,50 @@ def run(args) -> None:
             nvidia_same_tokens,
         ),
     }
+    nvidia = script.is_file() and not args.skip_nvidia
+    runs: dict[tuple[str, str], list[dict]] = {}
+    for _ in range(args.repeats):  # interleaved: ours, LLaMA-Factory, NVIDIA, in each setting
+        for key, (_, ours_flags, nvidia_batch) in settings.items():
+            runs.setdefault((key, "ours"), []).append(run_ours(model, data, out, ours_flags))
+            # Its packed rows of 512, 8 per step, are both settings at once: its default (gradient
+            # checkpointing on) runs in (a), without checkpointing, its fastest, in (b).
+            lf = "llama-factory" if key == "a" else "llama-factory-no-checkpointing"
+            runs.setdefault(("", lf), []).append(
+                run_llama_factory(args.venv.resolve(), model, data, out, tokens["chat"], key == "a")
+            )
+            if nvidia:
+                runs.setdefault((key, "nvidia"), []).append(
+                    run_nvidia(
+                        script, model, data, out, nvidia_batch, tokens["nvidia"], args.rows,
+                        args.nvidia_timeout,
+                    )
+                )  # fmt: skip
+    result = {name: median_result(values) for name, values in runs.items()}
     lines = [
         "| run | time for the epoch | real tokens/s | peak RSS | final train loss |",
         "| --- | ---: | ---: | ---: | ---: |",
     ]
-    results = {}
-    lf = lf_fast = None
-    for key, (
-        title,
-        ours_flags,
-        nvidia_batch,
-    ) in settings.items():  # interleaved: ours, LLaMA-Factory, NVIDIA
-        ours = run_ours(model, data, out, ours_flags)
-        # Its packed rows of 512, 8 per step, are both settings at once: its default (gradient checkpointing
-        # on) in (a), and without checkpointing, its fastest, in (b).
-        if lf is None:
-            lf = run_llama_factory(args.venv.resolve(), model, data, out, tokens["chat"])
-        elif lf_fast is None:
-            lf_fast = run_llama_factory(args.venv.resolve(), model, data, out, tokens["chat"], False)
-        nvidia = (
-            run_nvidia(
-                script, model, data, out, nvidia_batch, tokens["nvidia"], args.rows, args.nvidia_timeout
-            )
-            if script.is_file() and not args.skip_nvidia
-            else None
-        )
-        results[key] = {"ours": ours, "llama-factory": lf, "llama-factory-no-checkpointing": lf_fast}
-        results[key]["nvidia"] = nvidia
+    for key, (title, ours_flags, nvidia_batch) in settings.items():
         lines.append(f"| **({key}) {title}** | | | | |")
-        lines.append(row(f"ours `{' '.join(map(str, ours_flags))}`", ours))
-        lines.append(row("LLaMA-Factory 0.9.5, `packing` + `neat_packing`, batch 8", lf))
-        if lf_fast:
-            lines.append(row("LLaMA-Factory, the same with `disable_gradient_checkpointing`", lf_fast))
+        lines.append(row(f"ours `{' '.join(map(str, ours_flags))}`", result[key, "ours"]))
+        lines.append(
+            row("LLaMA-Factory 0.9.5, `packing` + `neat_packing`, batch 8", result["", "llama-factory"])
+        )
+        if key == "b":
+            lines.append(
+                row(
+                    "LLaMA-Factory, the same with `disable_gradient_checkpointing`",
+                    result["", "llama-factory-no-checkpointing"],
+                )
+            )
         if nvidia:
-            lines.append(row(f"NVIDIA's script, `--batch_size {nvidia_batch}`", nvidia))
+            lines.append(row(f"NVIDIA's script, `--batch_size {nvidia_batch}`", result[key, "nvidia"]))
     name = "peers" if args.width == "bench" else f"peers-{args.width}-L{args.layers}"
-    (out / f"{name}.json").write_text(json.dumps(results, indent=2))
-    print(f"{model.name}: {args.rows} rows, {tokens['chat']:,} tokens in the chat format")
+    (out / f"{name}.json").write_text(
+        json.dumps({"/".join(filter(None, k)): v for k, v in runs.items()}, indent=2)
+    )
+    repeats = f", medians of {args.repeats} interleaved runs each" if args.repeats > 1 else ""
+    print(f"{model.name}: {args.rows} rows, {tokens['chat']:,} tokens in the chat format{repeats}")
     print("\n".join(lines))
 
 
@@ -384,6 +402,7 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument("--layers", type=int, default=1, help="decoder layers at --width 8b")
     bench.add_argument("--rows", type=int, default=ROWS, help="Alpaca-shaped rows: one epoch of them")
     bench.add_argument("--skip_nvidia", action="store_true", help="leave NVIDIA's script out")
+    bench.add_argument("--repeats", type=int, default=1, help="rounds of the interleaved runs; medians")
     bench.add_argument(
         "--nvidia_timeout",
         type=float,

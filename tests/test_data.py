@@ -222,6 +222,36 @@ def test_packed_examples_do_not_attend_to_each_other(tiny_model, tokenizer, atte
     torch.testing.assert_close(packed_out.loss, padded_out.loss, atol=1e-5, rtol=1e-5)
 
 
+def test_packed_attention_gradients_are_each_example_s_own():
+    """Backwards too, each packed example (one-token pieces included) gets the gradients it gets alone."""
+    from finetune.attention import packed_sdpa_forward
+
+    torch.manual_seed(0)
+    lengths, heads, kv_heads, dim = [5, 1, 7, 3], 4, 2, 8
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    tokens = positions.shape[1]
+    q = torch.randn(1, heads, tokens, dim, requires_grad=True)
+    k, v = (torch.randn(1, kv_heads, tokens, dim, requires_grad=True) for _ in range(2))
+    out, _ = packed_sdpa_forward(None, q, k, v, None, position_ids=positions)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    alone, start = [], 0
+    for n in lengths:
+        piece = slice(start, start + n)
+        alone.append(
+            torch.nn.functional.scaled_dot_product_attention(
+                q[:, :, piece], k[:, :, piece].repeat_interleave(2, 1), v[:, :, piece].repeat_interleave(2, 1),
+                is_causal=True,
+            )
+        )  # fmt: skip
+        start += n
+    expected = torch.cat(alone, dim=2).transpose(1, 2)
+    want = torch.autograd.grad(expected, (q, k, v), grad)
+    torch.testing.assert_close(out, expected)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
 def test_training_packs_a_micro_batch_into_one_row_unless_the_attention_builds_a_mask(tokenizer):
     """sdpa (run as packed_sdpa) and the flash kernels take one flat row, with no padding at all; eager, whose
     mask is quadratic in the row, takes rows of at most --seq_length."""

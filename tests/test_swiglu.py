@@ -21,11 +21,13 @@ def batch():
 
 
 def _saved_bytes(model, batch) -> tuple[float, int]:
-    """(the loss, the bytes of the tensors autograd keeps for the backward pass)."""
+    """(the loss, the bytes of the tensors autograd keeps for the backward pass, the weights left out)."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     storages = {}
 
     def pack(tensor):
-        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        if tensor.untyped_storage().data_ptr() not in weights:
+            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -56,3 +58,34 @@ def test_only_silu_gated_mlps_are_routed(tiny_model):
     for layer in model.model.layers:
         layer.mlp.act_fn = ACT2FN["gelu"]
     assert fuse_swiglu(model) == 0
+
+
+def test_lora_mlps_recompute_the_down_projection_input_and_match_peft(tiny_model, batch):
+    """With LoRA on every projection, the MLP keeps gate and up only: down_proj's input, which its adapter's
+    gradient needs, is recomputed. Loss and every adapter gradient are PEFT's."""
+    from finetune.lora_fused import fuse_lora_layers
+    from peft import LoraConfig, get_peft_model
+
+    def lora_model():
+        torch.manual_seed(0)
+        config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
+        model = get_peft_model(_model(tiny_model), config)
+        for name, param in model.named_parameters():  # PEFT starts B at zero; move it so the adapter matters
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.02)
+        return model
+
+    reference, fused = lora_model(), lora_model()
+    fuse_lora_layers(fused)
+    layers = fuse_swiglu(fused)
+    loss_ref, kept_ref = _saved_bytes(reference, batch)
+    loss, kept = _saved_bytes(fused, batch)
+    assert loss.item() == pytest.approx(loss_ref.item(), rel=1e-6)
+    loss_ref.backward()
+    loss.backward()
+    trained = [(n, p) for n, p in fused.named_parameters() if p.requires_grad]
+    assert any("down_proj.lora_A" in n for n, _ in trained)
+    for (name, p), q in zip(trained, [q for q in reference.parameters() if q.requires_grad], strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+    tokens, width = batch["input_ids"].numel(), fused.config.intermediate_size
+    assert kept_ref - kept >= layers * tokens * width * 4 * 2  # silu(gate) and silu(gate) * up, float32

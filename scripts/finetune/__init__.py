@@ -1,6 +1,7 @@
 """Shared library behind the playbook fine-tuning scripts in this directory."""
 
 import importlib.util as _importlib_util
+import os as _os
 import sys as _sys
 
 __version__ = "0.1.0"
@@ -16,3 +17,7 @@ if _missing:
         "`pip install torch==2.13.0 && pip install -c constraints.txt -e .`\n"
     )
     raise SystemExit(2)
+
+# Before torch allocates anything (it reads the variable once): CPU tensors of 2 MiB and more get transparent huge
+# pages, so the activations a step allocates afresh fault in 2 MiB at a time, not 4 KiB (finetune.allocator).
+_os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")

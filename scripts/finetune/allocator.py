@@ -7,6 +7,11 @@ Measured on bench/peers.py's 63M-parameter model (LoRA, batch 8, seq 512, CPU, t
 2.19 GiB with glibc's defaults, 1.60 GiB with fixed 256 KiB mmap and trim thresholds and 2 arenas, and the
 resident memory between steps 1.88 against 0.77 GiB. Setting a threshold with mallopt also stops glibc's
 adjusting it. MALLOC_* variables the user set win.
+
+Every large tensor is then mapped afresh, and the kernel faults its pages in as they are first written: with
+4 KiB pages that cost ~10% of a step on that model. `finetune/__init__.py` therefore sets PyTorch's
+THP_MEM_ALLOC_ENABLE (unless the user did), which aligns CPU tensors of 2 MiB and more to 2 MiB and asks for
+transparent huge pages (madvise), where the kernel allows them.
 """
 
 from __future__ import annotations

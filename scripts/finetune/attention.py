@@ -75,28 +75,31 @@ def packed_sdpa_forward(
             **kwargs,
         )
     # Grouped-query attention inside the kernel (CPU and CUDA, torch >= 2.5): no copies of k and v per query
-    # head kept for the backward pass.
+    # head kept for the backward pass. Rows and examples are taken apart with unbind and split, whose backward
+    # passes put the pieces' gradients together in one copy (a slice's allocates a zero tensor of the whole row
+    # per example), and the outputs go back into (rows, length, heads, dim) in one copy.
     groups = query.shape[1] // key.shape[1]
     rows = []
-    for b, pieces in enumerate(segments(position_ids.expand(query.shape[0], -1))):
+    for pieces, q, k, v in zip(
+        segments(position_ids.expand(query.shape[0], -1)),
+        *((t.squeeze(0),) if t.shape[0] == 1 else t.unbind(0) for t in (query, key, value)),
+        strict=True,
+    ):
+        sizes = [end - start for start, end, _ in pieces]
         outputs = []
-        for start, end, single in pieces:
+        for (_, _, single), qs, ks, vs in zip(
+            pieces, q.split(sizes, dim=1), k.split(sizes, dim=1), v.split(sizes, dim=1), strict=True
+        ):
             if single:  # each token attends to itself only, so its output is its value
-                outputs.append(value[b, :, start:end].repeat_interleave(groups, dim=0))
+                outputs.append(vs.repeat_interleave(groups, dim=0).transpose(0, 1))
                 continue
-            outputs.append(
-                torch.nn.functional.scaled_dot_product_attention(
-                    query[b : b + 1, :, start:end],
-                    key[b : b + 1, :, start:end],
-                    value[b : b + 1, :, start:end],
-                    dropout_p=dropout,
-                    scale=scaling,
-                    is_causal=True,
-                    enable_gqa=groups > 1,
-                )[0]
-            )
-        rows.append(torch.cat(outputs, dim=1))
-    return torch.stack(rows).transpose(1, 2).contiguous(), None
+            out = torch.nn.functional.scaled_dot_product_attention(
+                qs[None], ks[None], vs[None], dropout_p=dropout, scale=scaling, is_causal=True,
+                enable_gqa=groups > 1,
+            )  # fmt: skip
+            outputs.append(out.squeeze(0).transpose(0, 1))  # length x heads x dim
+        rows.append(torch.cat(outputs) if len(outputs) > 1 else outputs[0].contiguous())
+    return (rows[0][None] if len(rows) == 1 else torch.stack(rows)), None
 
 
 def packed_sdpa_mask(*, attention_mask=None, **kwargs):

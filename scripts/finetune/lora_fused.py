@@ -19,15 +19,34 @@ import types
 import torch
 
 
+def lora_forward(flat, weight, bias, lora_a, lora_b, scaling: float):
+    """(x W^T + b + s (x A^T) B^T, x A^T) for a 2-D `flat` input."""
+    low = flat @ lora_a.t()  # tokens x r
+    out = torch.addmm(bias, flat, weight.t()) if bias is not None else flat @ weight.t()
+    out.addmm_(low, lora_b.t(), alpha=scaling)
+    return out, low
+
+
+def lora_backward(grad, flat, low, weight, lora_a, lora_b, scaling: float, needs: tuple[bool, bool, bool]):
+    """(grad x, grad A, grad B) of `lora_forward` for a 2-D `grad`; each None unless `needs` (x, A, B) asks."""
+    grad_low = grad @ lora_b  # tokens x r
+    grad_x = grad_a = grad_b = None
+    if needs[1]:
+        grad_a = (grad_low.t() @ flat).mul_(scaling)
+    if needs[2]:
+        grad_b = (low.t() @ grad).t().mul_(scaling)  # (r x tokens) @ (tokens x out), not grad.T @ low
+    if needs[0]:
+        grad_x = (grad @ weight).addmm_(grad_low, lora_a, alpha=scaling)
+    return grad_x, grad_a, grad_b
+
+
 class LoRALinear(torch.autograd.Function):
     """y = x W^T + b + s (x A^T) B^T, with W and b frozen."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float):
         flat = x.reshape(-1, x.shape[-1])
-        low = flat @ lora_a.t()  # tokens x r
-        out = torch.addmm(bias, flat, weight.t()) if bias is not None else flat @ weight.t()
-        out.addmm_(low, lora_b.t(), alpha=scaling)
+        out, low = lora_forward(flat, weight, bias, lora_a, lora_b, scaling)
         ctx.save_for_backward(flat, low, weight, lora_a, lora_b)
         ctx.scaling, ctx.shape = scaling, x.shape
         return out.view(*x.shape[:-1], out.shape[-1])
@@ -35,17 +54,12 @@ class LoRALinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         flat, low, weight, lora_a, lora_b = ctx.saved_tensors
-        scaling = ctx.scaling
-        grad = grad.reshape(-1, grad.shape[-1])
-        grad_low = grad @ lora_b  # tokens x r
-        grad_x = grad_a = grad_b = None
-        if ctx.needs_input_grad[3]:
-            grad_a = (grad_low.t() @ flat).mul_(scaling)
-        if ctx.needs_input_grad[4]:
-            grad_b = (low.t() @ grad).t().mul_(scaling)  # (r x tokens) @ (tokens x out), not grad.T @ low
-        if ctx.needs_input_grad[0]:
-            grad_x = (grad @ weight).addmm_(grad_low, lora_a, alpha=scaling).view(ctx.shape)
-        return grad_x, None, None, grad_a, grad_b, None
+        needs = ctx.needs_input_grad
+        grad_x, grad_a, grad_b = lora_backward(
+            grad.reshape(-1, grad.shape[-1]), flat, low, weight, lora_a, lora_b, ctx.scaling,
+            (needs[0], needs[3], needs[4]),
+        )  # fmt: skip
+        return None if grad_x is None else grad_x.view(ctx.shape), None, None, grad_a, grad_b, None
 
 
 def _plain_adapter(layer, x: torch.Tensor) -> str | None:
@@ -65,19 +79,31 @@ def _plain_adapter(layer, x: torch.Tensor) -> str | None:
     return name
 
 
-def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    name = None if args or kwargs else _plain_adapter(self, x)
+def lora_parts(layer, x: torch.Tensor) -> tuple | None:
+    """(weight, bias, A, B, scaling) of `layer` when it is a PEFT LoRA linear layer that can take the fused path
+    for input `x`, else None."""
+    from peft.tuners.lora.layer import Linear
+
+    if type(layer) is not Linear or getattr(layer, "fan_in_fan_out", False):
+        return None
+    name = _plain_adapter(layer, x)
     if name is None:
-        return type(self).forward(self, x, *args, **kwargs)
-    base = self.base_layer
-    return LoRALinear.apply(
-        x,
+        return None
+    base = layer.base_layer
+    return (
         base.weight,
         base.bias,
-        self.lora_A[name].weight,
-        self.lora_B[name].weight,
-        float(self.scaling[name]),
+        layer.lora_A[name].weight,
+        layer.lora_B[name].weight,
+        float(layer.scaling[name]),
     )
+
+
+def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    parts = None if args or kwargs else lora_parts(self, x)
+    if parts is None:
+        return type(self).forward(self, x, *args, **kwargs)
+    return LoRALinear.apply(x, *parts)
 
 
 def fuse_lora_layers(model: torch.nn.Module) -> int:

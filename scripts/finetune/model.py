@@ -272,12 +272,14 @@ def load_model(cfg: TrainConfig, model_config, place: Placement):
     model = load_base(cfg, model_config, place)
     if cfg.uses_lora:
         model = _wrap_lora(model, cfg)
-    if place.device == "cpu":  # measured on the CPU only (see lora_fused and swiglu)
+    if place.device == "cpu":  # measured on the CPU only (see lora_fused, swiglu and rmsnorm)
         from .lora_fused import fuse_lora_layers
+        from .rmsnorm import fuse_rms_norms
         from .swiglu import fuse_swiglu
 
         fuse_lora_layers(model)  # no LoRA layers in a full fine-tune: nothing to route
         fuse_swiglu(model)
+        fuse_rms_norms(model)
     model.config.use_cache = False  # the KV cache only costs memory in training
     return model
 
