@@ -105,6 +105,25 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def peft_lora_model(path, seed: int = 0, **lora):
+    """The tiny model in float32 with PEFT LoRA (r 4 on every linear layer, no dropout, unless `lora` says
+    otherwise), its B matrices moved off zero (PEFT's start) so that the adapters matter."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    config = LoraConfig(
+        **{"r": 4, "lora_alpha": 8, "target_modules": "all-linear", "lora_dropout": 0.0, **lora}
+    )
+    model = get_peft_model(model, config)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.02)
+    return model
+
+
 def read_metrics(output_dir: Path) -> dict:
     return json.loads((output_dir / "metrics.json").read_text())
 

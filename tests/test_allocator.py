@@ -16,7 +16,6 @@ from conftest import SCRIPTS
 # come from the heap and the small tensors pin it.
 PROBE = """
 import sys
-from pathlib import Path
 sys.path.insert(0, sys.argv[2])
 import torch
 from finetune.allocator import return_freed_memory

@@ -4,22 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import peft_lora_model
 from finetune.lora_fused import LoRALinear, fuse_lora_layers
-from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
-
-
-def _peft_model(path, seed=0, **lora):
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    config = LoraConfig(
-        **{"r": 4, "lora_alpha": 8, "target_modules": "all-linear", "lora_dropout": 0.0, **lora}
-    )
-    model = get_peft_model(model, config)
-    for name, param in model.named_parameters():  # PEFT starts B at zero; move it so the adapter matters
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.02)
-    return model
 
 
 def _fused_calls(model, batch) -> int:
@@ -50,7 +37,7 @@ def batch():
 
 
 def test_fused_layers_match_peft_in_loss_and_every_gradient(tiny_model, batch):
-    reference, fused = _peft_model(tiny_model), _peft_model(tiny_model)
+    reference, fused = peft_lora_model(tiny_model), peft_lora_model(tiny_model)
     routed = fuse_lora_layers(fused)
     assert routed == sum(1 for n, _ in fused.named_modules() if n.endswith("lora_A")) > 0
     assert _fused_calls(fused, batch) == routed
@@ -65,14 +52,14 @@ def test_fused_layers_match_peft_in_loss_and_every_gradient(tiny_model, batch):
 
 
 def test_switched_off_adapters_and_dropout_run_peft_s_own_forward(tiny_model, batch):
-    fused = _peft_model(tiny_model)
+    fused = peft_lora_model(tiny_model)
     fuse_lora_layers(fused)
     with fused.disable_adapter():
         off = fused(**batch).loss.item()
     base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     assert off == pytest.approx(base(**batch).loss.item(), rel=1e-6)
 
-    with_dropout = _peft_model(tiny_model, lora_dropout=0.1)
+    with_dropout = peft_lora_model(tiny_model, lora_dropout=0.1)
     fuse_lora_layers(with_dropout)
     assert _fused_calls(with_dropout, batch) == 0, "dropout on the LoRA input must take PEFT's path"
 

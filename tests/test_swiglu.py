@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import peft_lora_model
 from finetune.swiglu import fuse_swiglu
 from transformers import AutoModelForCausalLM
 
@@ -64,18 +65,8 @@ def test_lora_mlps_recompute_the_down_projection_input_and_match_peft(tiny_model
     """With LoRA on every projection, the MLP keeps gate and up only: down_proj's input, which its adapter's
     gradient needs, is recomputed. Loss and every adapter gradient are PEFT's."""
     from finetune.lora_fused import fuse_lora_layers
-    from peft import LoraConfig, get_peft_model
 
-    def lora_model():
-        torch.manual_seed(0)
-        config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
-        model = get_peft_model(_model(tiny_model), config)
-        for name, param in model.named_parameters():  # PEFT starts B at zero; move it so the adapter matters
-            if "lora_B" in name:
-                torch.nn.init.normal_(param, std=0.02)
-        return model
-
-    reference, fused = lora_model(), lora_model()
+    reference, fused = peft_lora_model(tiny_model), peft_lora_model(tiny_model)
     fuse_lora_layers(fused)
     layers = fuse_swiglu(fused)
     loss_ref, kept_ref = _saved_bytes(reference, batch)
