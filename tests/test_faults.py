@@ -406,6 +406,22 @@ def test_two_runs_on_one_directory(capsys, tiny_model, tmp_path):
     assert checkpoints.problem(checkpoint) is None and not (out / LOCK_FILE).exists()
 
 
+def test_the_lock_being_taken_does_not_make_the_directory_occupied(tmp_path):
+    """With --shard every rank checks the directory while rank 0 takes the lock, whose file it writes under a
+    temporary name first: that name (or a stale lock moved aside) is not somebody else's data."""
+    from finetune.outputs import prepare_output_dir
+
+    out = tmp_path / "run"
+    out.mkdir()
+    cfg = TrainConfig(method="lora", model_name="m", dataset="d", output_dir=str(out))
+    for name in (f"{LOCK_FILE}.4242.tmp", f"{LOCK_FILE}.stale.4242", LOCK_FILE):
+        (out / name).write_text("{}")
+        assert prepare_output_dir(cfg) is None
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="is not empty and holds no run of these scripts"):
+        prepare_output_dir(cfg)
+
+
 # ------------------------------------------------------------------------------------------------- NaN, OOM
 
 

@@ -43,7 +43,8 @@ def prepare_output_dir(cfg: TrainConfig) -> str | None:
     if out.exists() and not out.is_dir():
         raise UserError(f"--output_dir {out}: exists and is not a directory")
     run_file = out / RUN_FILE
-    occupied = out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir())
+    # The lock and its passing temporaries (finetune.lock), which another rank may be writing right now.
+    occupied = out.is_dir() and any(not p.name.startswith(LOCK_FILE) for p in out.iterdir())
     same_run = False
     if occupied and run_file.is_file():
         # Only the settings that identify a run today (a run.json may name ones that no longer do).
