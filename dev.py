@@ -7,6 +7,7 @@
                                       # .venv-latest at constraints-latest.txt (the newest releases tested)
     python3 dev.py canary [ARGS]      # the newest releases, unpinned: smoke tests, one verdict line, never fails
     python3 dev.py bump-latest        # re-resolve the newest releases into constraints-latest.txt, on purpose
+    python3 dev.py envs [NAME ...]    # make (or reuse) environments side by side: flake, latest, llama-factory
 
 Each environment is a git-ignored virtual environment in this directory. torch is installed first, at the pinned
 version, so that no other package pulls in a different build; running a command again reuses the environment and
@@ -23,9 +24,11 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import venv
 import xml.etree.ElementTree as ET
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -42,10 +45,28 @@ STACK = (
 # Not pinned: the installer's own tools and this project.
 UNPINNED = {"pip", "setuptools", "wheel", "llm-finetune"}
 
+# LLaMA-Factory pins older datasets/accelerate/trl than this project, so its playbook without Nix runs from an
+# environment of its own, at exactly the versions in its constraints file, with its release's data/ and examples/.
+LLAMA_FACTORY = ROOT / "playbooks" / "llama-factory"
+LLAMA_FACTORY_ENV = ROOT / ".venv-llama-factory"
+LLAMA_FACTORY_VERSION = "0.9.5"
+# sha256 of llamafactory-0.9.5.tar.gz as published on PyPI (`pip download --no-deps --no-binary :all:
+# llamafactory==0.9.5`, then `sha256sum`). Its data/ and examples/ equal those of the v0.9.5 tag the Nix
+# shells use (diff -r of the sdist against `git archive v0.9.5`).
+LLAMA_FACTORY_SDIST_SHA256 = "1702c0bfb864e80577a59521d2edcacd2aab05ec6aee06188fcba335a589681f"
+# Bump when llama_factory_env changes what it makes, so that existing environments are made again.
+LLAMA_FACTORY_LAYOUT = 1
+
+
+def say(line: str) -> None:
+    """One line of progress, written whole: `envs` makes environments from several threads at once."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
 
 def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(1)
+    """Stop with one line: Python prints it and exits 1, and a caller that goes on reads it from `.code`."""
+    raise SystemExit(f"error: {message}")
 
 
 def pinned_versions(constraints: Path) -> dict[str, str]:
@@ -88,25 +109,76 @@ def ensure_env(env: Path, constraints: Path | None, extras: str, fresh: bool = F
     if not fresh and python.exists() and stamp.exists() and json.loads(stamp.read_text()) == wanted:
         return python
     if fresh or not python.exists():
-        shutil.rmtree(env, ignore_errors=True)
-        print(f"== creating {env.name} (Python {wanted['python']})", flush=True)
-        try:
-            venv.create(env, with_pip=True)
-        except (OSError, subprocess.CalledProcessError) as exc:
-            shutil.rmtree(env, ignore_errors=True)
-            fail(f"cannot create {env}: {exc} (on Debian and Ubuntu, `apt install python3-venv` provides it)")
+        new_venv(env)
     stamp.unlink(missing_ok=True)  # an interrupted install must not pass for a finished one
     (env / LAST_REPORT).unlink(missing_ok=True)  # nor a test outcome at other versions for one at these
     pins = pinned_versions(constraints or PINS["flake"])
     torch = f"torch=={pins['torch']}"
     rest = f"the pins in {constraints.name}" if constraints else "the newest releases"
-    print(f"== installing {torch}, then {rest}", flush=True)
+    say(f"== installing {torch}, then {rest}")
     pip(python, torch)
     # Editable: the scripts and the environment's `finetune` package are the same files.
     target = ["-e", f"{ROOT}[{extras}]" if extras else str(ROOT)]
     pip(python, *(["-c", str(constraints)] if constraints else []), torch, *target)
     stamp.write_text(json.dumps(wanted, indent=1) + "\n")
     return python
+
+
+def new_venv(env: Path) -> None:
+    shutil.rmtree(env, ignore_errors=True)
+    say(f"== creating {env.name} (Python {sys.version.split()[0]})")
+    try:
+        venv.create(env, with_pip=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        shutil.rmtree(env, ignore_errors=True)
+        fail(f"cannot create {env}: {exc} (on Debian and Ubuntu, `apt install python3-venv` provides it)")
+
+
+def llama_factory_env(env: Path = LLAMA_FACTORY_ENV) -> Path:
+    """LLaMA-Factory's environment: torch first, then exactly the versions in its constraints file (no resolver:
+    torchaudio and torchvision stay out, see that file), and the release's data/ and examples/ in
+    share/llama-factory, from its sha256-checked sdist. Reused while the pins are unchanged (a comment edit keeps
+    it); the torchaudio stand-in is written every time, as the file may change while the environment stays."""
+    constraints = LLAMA_FACTORY / "constraints.txt"
+    pins = pinned_versions(constraints)
+    digest = hashlib.sha256(json.dumps(pins, sort_keys=True).encode()).hexdigest()
+    stamp = f"{digest} {LLAMA_FACTORY_SDIST_SHA256} {LLAMA_FACTORY_LAYOUT}\n"
+    stamp_file, python = env / "constraints.sha256", env_python(env)
+    if not (stamp_file.is_file() and stamp_file.read_text() == stamp):
+        new_venv(env)
+        say(f"== installing torch=={pins['torch']}, then the pins in {constraints.relative_to(ROOT)}")
+        pip(python, f"torch=={pins['torch']}")  # first, as for ours, so that nothing pulls a CUDA build
+        pip(python, "--no-deps", "-r", str(constraints))
+        unpack_llama_factory_release(python, env / "share" / "llama-factory")
+        stamp_file.write_text(stamp)
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    placeholder = Path(purelib) / "torchaudio" / "__init__.py"
+    placeholder.parent.mkdir(exist_ok=True)
+    shutil.copyfile(LLAMA_FACTORY / "no_torchaudio.py", placeholder)
+    return python
+
+
+def unpack_llama_factory_release(python: Path, share: Path) -> None:
+    """data/ and examples/ of LLaMA-Factory's published sdist, which NVIDIA's commands name, into `share`."""
+    name = f"llamafactory-{LLAMA_FACTORY_VERSION}"
+    with tempfile.TemporaryDirectory() as tmp:
+        command = [str(python), "-m", "pip", "download", "-q", "--disable-pip-version-check", "--no-deps",
+                   "--no-binary", ":all:", "-d", tmp, f"llamafactory=={LLAMA_FACTORY_VERSION}"]  # fmt: skip
+        if subprocess.run(command, cwd=ROOT).returncode != 0:
+            fail(f"cannot download the {name} sdist (see pip's message above)")
+        sdist = Path(tmp) / f"{name}.tar.gz"
+        if hashlib.sha256(sdist.read_bytes()).hexdigest() != LLAMA_FACTORY_SDIST_SHA256:
+            fail(f"{sdist.name} is not the published {name} sdist (its sha256 differs)")
+        with tarfile.open(sdist) as archive:
+            members = [
+                m for m in archive.getmembers() if m.name.startswith((f"{name}/data/", f"{name}/examples/"))
+            ]
+            for member in members:
+                member.name = member.name[len(name) + 1 :]
+            archive.extractall(share, members=members, filter="data")
 
 
 def env_with_bytecode(**extra: str) -> dict[str, str]:
@@ -145,15 +217,19 @@ def pins_flag(args: list[str]) -> tuple[str, list[str]]:
 
 def demo(args: list[str]) -> int:
     # With the test tools too: one .venv serves `demo` and `test` without reinstalling between them.
-    python = ensure_env(ENVS["flake"], PINS["flake"], extras="test")
+    python = pinned_env("flake")
     return run(python, "scripts/demo.py", *args)
+
+
+def pinned_env(pins: str) -> Path:
+    return ensure_env(ENVS[pins], PINS[pins], extras="test")
 
 
 def test(args: list[str]) -> int:
     pins, args = pins_flag(args)
     if pins not in PINS:
         fail(f"--pins {pins}: choose one of {', '.join(PINS)}")
-    python = ensure_env(ENVS[pins], PINS[pins], extras="test")
+    python = pinned_env(pins)
     print(f"== python -m pytest {' '.join(args)} (pins: {PINS[pins].name})", flush=True)
     (ENVS[pins] / LAST_REPORT).unlink(missing_ok=True)
     args, env = parallel(args)
@@ -211,8 +287,8 @@ def canary(args: list[str]) -> int:
     so that a new upstream release cannot fail CI: it warns, and `bump-latest` moves the pins on purpose."""
     try:
         newest = resolve_newest()
-    except SystemExit:
-        print("canary: could not resolve the newest releases (see pip's message above)")
+    except SystemExit as exc:
+        print(f"canary: could not resolve the newest releases ({exc.code})")
         return 0
     latest = pinned_versions(PINS["latest"])
     moved = [f"{n} {v}" for n, v in newest.items() if latest.get(n) != v]
@@ -223,12 +299,12 @@ def canary(args: list[str]) -> int:
         if not failed:
             print(f"canary: {passed} passed (today's newest releases are {PINS['latest'].name}'s)")
             return 0
-        env, python = ENVS["latest"], ensure_env(ENVS["latest"], PINS["latest"], extras="test")
+        env, python = ENVS["latest"], pinned_env("latest")
     else:
         try:
             env, python = CANARY_ENV, ensure_env(CANARY_ENV, None, extras="test", fresh=True)
-        except SystemExit:
-            print("canary: could not install the newest releases (see pip's message above)")
+        except SystemExit as exc:
+            print(f"canary: could not install the newest releases ({exc.code})")
             return 0
     passed, failed, log = smoke_verdict(python, env, args)
     newer = f" (newer than {PINS['latest'].name}: {', '.join(moved)})" if moved else ""
@@ -266,7 +342,34 @@ def bump_latest(args: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"demo": demo, "test": test, "canary": canary, "bump-latest": bump_latest}
+MAKERS = {
+    "flake": lambda: pinned_env("flake"),
+    "latest": lambda: pinned_env("latest"),
+    "llama-factory": llama_factory_env,
+}
+
+
+def envs(args: list[str]) -> int:
+    """Make (or reuse) the named environments, all of them by default, side by side: each install is mostly one
+    core unpacking and writing files, so two or three at once take little longer than the largest alone."""
+    names = args or list(MAKERS)
+    unknown = [name for name in names if name not in MAKERS]
+    if unknown:
+        fail(f"{', '.join(unknown)}: choose among {', '.join(MAKERS)}")
+    with ThreadPoolExecutor(len(names)) as pool:
+        futures = {name: pool.submit(MAKERS[name]) for name in names}
+    failures = []
+    for name, future in futures.items():
+        try:
+            future.result()
+        except SystemExit as exc:
+            failures.append(f"{name}: {str(exc.code).removeprefix('error: ')}")
+    if failures:
+        fail("; ".join(failures))
+    return 0
+
+
+COMMANDS = {"demo": demo, "test": test, "canary": canary, "bump-latest": bump_latest, "envs": envs}
 
 
 def main(argv: list[str]) -> int:

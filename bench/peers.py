@@ -1,9 +1,8 @@
 #!/usr/bin/env python3
 """Ours against the real peers on the CPU: LLaMA-Factory and NVIDIA's own Llama3_8B_LoRA_finetuning.py.
 
-    python bench/peers.py setup-llama-factory --venv bench/results/venv-llama-factory
     python bench/peers.py fetch-nvidia --mirror DIR.git --out bench/results/peers
-    python bench/peers.py run --venv bench/results/venv-llama-factory --out bench/results/peers
+    python bench/peers.py run --out bench/results/peers
 
 `run` builds a ~63M-parameter Llama (1024 wide, 4 layers, the tiny tokenizer with its Llama 3 chat
 template) and 128 Alpaca-shaped rows, then trains one epoch of LoRA r 8 on every linear layer, seq 512, with
@@ -30,9 +29,11 @@ from pathlib import Path
 PEER_ENV = dict(os.environ)
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
-sys.path[:0] = [str(BENCH), str(REPO / "scripts")]
+sys.path[:0] = [str(BENCH), str(REPO / "scripts"), str(REPO)]
 
 import synthetic  # noqa: E402
+
+import dev  # noqa: E402
 
 # NVIDIA's script, at the newest commit of github.com/NVIDIA/dgx-spark-playbooks that changed it.
 # Recompute the hash with: git --git-dir MIRROR show COMMIT:PATH | sha256sum
@@ -40,21 +41,6 @@ NVIDIA_COMMIT = "ba13d4dcc2ace88f356258177fe1123adafc9787"
 NVIDIA_PATH = "nvidia/pytorch-fine-tune/assets/Llama3_8B_LoRA_finetuning.py"
 NVIDIA_SHA256 = "b77f75dccdb2076785bf357e0927a469960341bcde2221d5387e8927de77dab2"
 NVIDIA_SCRIPT = "Llama3_8B_LoRA_finetuning.py"
-
-LLAMA_FACTORY = "llamafactory==0.9.5"
-# Used when the project has no constraints file for LLaMA-Factory (playbooks/llama-factory/constraints.txt):
-# LLaMA-Factory 0.9.5's own upper bounds, with the project's transformers and the hub datasets 4.0 accepts.
-LLAMA_FACTORY_PINS = [
-    "transformers==5.5.4",
-    "huggingface-hub==1.31.0",
-    "datasets==4.0.0",
-    "accelerate==1.11.0",
-    "peft==0.18.0",
-    "trl==0.24.0",
-]
-# LLaMA-Factory imports torchaudio at module level, for audio inputs only; PyPI's x86_64 torchaudio is a CUDA
-# build that fails on the CPU torch, so the venv gets the playbook's stand-in, which says so when used.
-TORCHAUDIO_PLACEHOLDER = REPO / "playbooks" / "llama-factory" / "no_torchaudio.py"
 
 ROWS, SEQ_LENGTH, BATCH, ROWS_PER_STEP = 128, 512, 8, 8
 MODEL = {
@@ -79,27 +65,6 @@ def check(command: list, **kwargs) -> subprocess.CompletedProcess:
 
 
 # ------------------------------------------------------------------------------------------------ setup
-
-
-def setup_llama_factory(venv: Path) -> None:
-    """A venv with LLaMA-Factory at its pins: the project's constraints file when it has one."""
-    pip = [venv / "bin" / "python", "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-    check([sys.executable, "-m", "venv", venv])
-    check([*pip, "torch==2.13.0"])  # first, so that nothing pulls another build
-    constraints = REPO / "playbooks" / "llama-factory" / "constraints.txt"
-    if constraints.is_file():
-        check([*pip, "--no-deps", "-r", constraints])
-    else:
-        check([*pip, LLAMA_FACTORY, *LLAMA_FACTORY_PINS, "torch==2.13.0"])
-        # llamafactory declares torchvision and torchaudio; their PyPI builds break a CPU torch (see above).
-        check([venv / "bin" / "python", "-m", "pip", "uninstall", "-y", "-q", "torchvision", "torchaudio"])
-    purelib = check(
-        [venv / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]
-    )
-    placeholder = Path(purelib.stdout.strip()) / "torchaudio" / "__init__.py"
-    placeholder.parent.mkdir(exist_ok=True)
-    placeholder.write_text(TORCHAUDIO_PLACEHOLDER.read_text())
-    print(f"LLaMA-Factory in {venv}")
 
 
 def fetch_nvidia(mirror: Path, out: Path) -> Path:
@@ -322,6 +287,8 @@ def median_result(results: list[dict]) -> dict:
 def run(args) -> None:
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
+    venv = args.venv.resolve()
+    dev.llama_factory_env(venv)
     model, data, tokens = prepare(out, args.width, args.layers, args.rows)
     script = out / NVIDIA_SCRIPT
     nvidia_same_tokens = round(ROWS_PER_STEP * SEQ_LENGTH / tokens["nvidia_mean"])
@@ -342,7 +309,7 @@ def run(args) -> None:
             # checkpointing on) runs in (a), without checkpointing, its fastest, in (b).
             lf = "llama-factory" if key == "a" else "llama-factory-no-checkpointing"
             runs.setdefault(("", lf), []).append(
-                run_llama_factory(args.venv.resolve(), model, data, out, tokens["chat"], key == "a")
+                run_llama_factory(venv, model, data, out, tokens["chat"], key == "a")
             )
             if nvidia:
                 runs.setdefault((key, "nvidia"), []).append(
@@ -383,15 +350,18 @@ def run(args) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    setup = commands.add_parser("setup-llama-factory", help="make a venv with LLaMA-Factory at its pins")
-    setup.add_argument("--venv", type=Path, required=True)
     fetch = commands.add_parser("fetch-nvidia", help="copy NVIDIA's script from a git mirror, hash-checked")
     fetch.add_argument(
         "--mirror", type=Path, required=True, help="git directory of NVIDIA/dgx-spark-playbooks"
     )
     fetch.add_argument("--out", type=Path, default=BENCH / "results" / "peers")
     bench = commands.add_parser("run", help="the table: ours, LLaMA-Factory and NVIDIA's script, interleaved")
-    bench.add_argument("--venv", type=Path, required=True, help="LLaMA-Factory's venv (setup-llama-factory)")
+    bench.add_argument(
+        "--venv",
+        type=Path,
+        default=dev.LLAMA_FACTORY_ENV,
+        help="LLaMA-Factory's environment, made (or reused) as dev.py makes it (default: %(default)s)",
+    )
     bench.add_argument("--out", type=Path, default=BENCH / "results" / "peers")
     bench.add_argument(
         "--width",
@@ -410,9 +380,7 @@ def main(argv: list[str] | None = None) -> None:
         help="seconds NVIDIA's script may take, compile included",
     )
     args = parser.parse_args(argv)
-    if args.command == "setup-llama-factory":
-        setup_llama_factory(args.venv)
-    elif args.command == "fetch-nvidia":
+    if args.command == "fetch-nvidia":
         fetch_nvidia(args.mirror, args.out)
     else:
         run(args)

@@ -1,17 +1,16 @@
 """The LLaMA-Factory playbook without Nix: NVIDIA's train/chat/export commands, the web UI (served, then opened
 in headless Chromium), and a LLaMA-Factory adapter going through our export.py and evaluate.py.
 
-LLaMA-Factory 0.9.5 pins older datasets/accelerate/trl than this project, so it runs from a venv of its own,
-`.venv-llama-factory` (git-ignored), made on first use from playbooks/llama-factory/constraints.txt and its
-data/ and examples/ from the release's sdist (sha256-checked). It is reused while the pins in that file are unchanged.
-Without network access to make it, the tests skip with one line (LLM_FINETUNE_REQUIRE_LLAMA_FACTORY=1 makes
-that a failure, for CI). Our own scripts run in the interpreter running the tests.
+LLaMA-Factory 0.9.5 pins older datasets/accelerate/trl than this project, so it runs from an environment of its
+own, `.venv-llama-factory` (git-ignored), which `dev.llama_factory_env` makes on first use (or `python3 dev.py envs
+llama-factory` beforehand) and reuses while its pins are unchanged. Without network access to make it, the tests
+skip with one line (LLM_FINETUNE_REQUIRE_LLAMA_FACTORY=1 makes that a failure, for CI). Our own scripts run in the
+interpreter running the tests.
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
 import importlib.util
 import json
 import os
@@ -19,8 +18,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
-import tarfile
 import time
 import urllib.request
 from pathlib import Path
@@ -32,18 +29,7 @@ from conftest import ROOT, offline_env
 pytestmark = pytest.mark.llama_factory
 
 PLAYBOOK = ROOT / "playbooks" / "llama-factory"
-CONSTRAINTS = PLAYBOOK / "constraints.txt"
 VENV = ROOT / ".venv-llama-factory"
-VERSION = "0.9.5"
-# sha256 of llamafactory-0.9.5.tar.gz as published on PyPI (`pip download --no-deps --no-binary :all:
-# llamafactory==0.9.5`, then `sha256sum`). Its data/ and examples/ equal those of the v0.9.5 tag the Nix
-# shells use (diff -r of the sdist against `git archive v0.9.5`).
-SDIST_SHA256 = "1702c0bfb864e80577a59521d2edcacd2aab05ec6aee06188fcba335a589681f"
-# Bump when _create_venv changes what it makes, so that existing venvs are made again.
-VENV_LAYOUT = 1
-
-# Stands in for torchaudio, which this venv leaves out (see constraints.txt); the CUDA Nix shell uses it too.
-TORCHAUDIO_PLACEHOLDER = PLAYBOOK / "no_torchaudio.py"
 
 # NVIDIA's DGX Spark playbook commands, as written, and the key=value overrides that put them on the tiny
 # model on the CPU: the same file the flake's smoke checks read.
@@ -54,81 +40,30 @@ def on_tiny_model(model: Path) -> list[str]:
     return [arg.replace("{model}", str(model)) for arg in SMOKE["model"]]
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _run(cmd: list, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kwargs)
 
 
 def _load_dev():
-    """The repository's dev.py (it is no package), for its venv helpers."""
+    """The repository's dev.py (it is no package), which makes LLaMA-Factory's environment."""
     spec = importlib.util.spec_from_file_location("dev", ROOT / "dev.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-dev = _load_dev()
-PYTHON = dev.env_python(VENV)
-
-
-def _create_venv(stamp: str) -> None:
-    """The venv, LLaMA-Factory's data/ and examples/, and a stamp naming the pins they came from."""
-    shutil.rmtree(VENV, ignore_errors=True)
-    # --no-compile: byte-compiling every installed module took longer than the install itself; Python
-    # compiles the modules a run imports on first use.
-    pip = [PYTHON, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-compile"]
-    steps = [
-        [sys.executable, "-m", "venv", VENV],
-        # torch first, as dev.py does, so that nothing pulls a CUDA build; then exactly the listed versions.
-        [*pip, f"torch=={dev.pinned_versions(CONSTRAINTS)['torch']}"],
-        [*pip, "--no-deps", "-r", CONSTRAINTS],
-        [PYTHON, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-         "-d", VENV / "sdist", f"llamafactory=={VERSION}"],
-    ]  # fmt: skip
-    for step in steps:
-        result = _run(step, timeout=1800)
-        if result.returncode != 0:
-            last = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
-            message = f"cannot create {VENV.name}: {' '.join(map(str, step[:4]))} ...: {last}"
-            if os.environ.get("LLM_FINETUNE_REQUIRE_LLAMA_FACTORY"):
-                pytest.fail(message, pytrace=False)
-            pytest.skip(message)
-
-    sdist = VENV / "sdist" / f"llamafactory-{VERSION}.tar.gz"
-    assert _sha256(sdist) == SDIST_SHA256, f"{sdist} is not the published llamafactory {VERSION} sdist"
-    share = VENV / "share" / "llama-factory"
-    with tarfile.open(sdist) as archive:
-        top = f"llamafactory-{VERSION}/"
-        members = [m for m in archive.getmembers() if m.name.startswith((top + "data/", top + "examples/"))]
-        for member in members:
-            member.name = member.name[len(top) :]
-        archive.extractall(share, members=members, filter="data")
-
-    (VENV / "constraints.sha256").write_text(stamp)
-
-
-def _install_torchaudio_placeholder() -> None:
-    """As torchaudio/__init__.py, refreshed on every run (the file may change while the venv stays)."""
-    purelib = _run([PYTHON, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], check=True)
-    placeholder = Path(purelib.stdout.strip()) / "torchaudio" / "__init__.py"
-    placeholder.parent.mkdir(exist_ok=True)
-    shutil.copyfile(TORCHAUDIO_PLACEHOLDER, placeholder)
-
-
 @pytest.fixture(scope="session")
 def lf_venv() -> Path:
-    # The pins, not the file: a comment edit keeps the venv.
-    pins = json.dumps(dev.pinned_versions(CONSTRAINTS), sort_keys=True).encode()
-    stamp = f"{hashlib.sha256(pins).hexdigest()} {SDIST_SHA256} {VENV_LAYOUT}\n"
-    stamp_file = VENV / "constraints.sha256"
-    if not (stamp_file.is_file() and stamp_file.read_text() == stamp):
-        started = time.monotonic()
-        _create_venv(stamp)
-        print(f"\n{VENV.name} created in {time.monotonic() - started:.0f} s")
-    _install_torchaudio_placeholder()
+    dev = _load_dev()
+    started = time.monotonic()
+    try:
+        dev.llama_factory_env(VENV)
+    except SystemExit as exc:
+        message = f"{VENV.name}: {exc.code}"
+        if os.environ.get("LLM_FINETUNE_REQUIRE_LLAMA_FACTORY"):
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    print(f"\n{VENV.name} ready in {time.monotonic() - started:.0f} s")
     return VENV
 
 
