@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .chunked_loss import CHUNK_BYTES, routes
 from .config import TrainConfig
 from .model import Placement, liger_kernels
 
@@ -124,10 +125,11 @@ def estimate_peak(
     micro_batch_tokens: int,
     loss_tokens: int | None = None,
     fused_cross_entropy: bool = False,
+    chunked_cross_entropy: bool = False,
 ) -> MemoryEstimate:
     """The estimate for the largest micro-batch: `micro_batch_tokens` tokens (padding included), of which
     `loss_tokens` carry loss (default: all). `fused_cross_entropy`: Liger's chunked lm_head + loss, which never
-    holds the whole logits tensor."""
+    holds the whole logits tensor; `chunked_cross_entropy`: ours on the CPU (finetune/chunked_loss.py)."""
     text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
     hidden = text_config.hidden_size
     layers = text_config.num_hidden_layers
@@ -165,6 +167,11 @@ def estimate_peak(
     if fused_cross_entropy:
         # Liger computes the loss in chunks and never holds more than a chunk of logits.
         logits = min(loss_tokens, 4096) * vocab * 4
+    elif chunked_cross_entropy:
+        # One chunk of logits (and, below float32, its float32 copy); the hidden states' gradient, kept.
+        logits = (
+            min(CHUNK_BYTES, loss_tokens * vocab * 4) * (2 if width < 4 else 1) + loss_tokens * hidden * width
+        )
     else:
         # Logits in the model dtype and (unless already fp32) their fp32 copy; the fp32 log-softmax kept for the
         # backward pass, its gradient and the gradient of the logits.
@@ -277,4 +284,10 @@ def _estimate_run(
         tokens,
         loss_tokens=math.ceil(tokens * loss_share),
         fused_cross_entropy=liger_kernels(place),
+        chunked_cross_entropy=(
+            place.device == "cpu"
+            and cfg.method != "full"
+            and int(os.environ.get("WORLD_SIZE", "1")) == 1
+            and routes(model_config)
+        ),
     )

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
-from . import checkpoints
+from . import checkpoints, chunked_loss
 from .attention import flat_rows
 from .config import TrainConfig
 from .data import IGNORE_INDEX, Collator, PreparedData, real_tokens, token_batches
@@ -101,7 +101,23 @@ def loss_positions_only(inputs: dict) -> dict:
 
 class SFTPlaybookTrainer(MeasuredTrainer, Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        return super().compute_loss(model, loss_positions_only(inputs), return_outputs, num_items_in_batch)
+        inputs = loss_positions_only(inputs)
+        # The lm_head and loss in chunks (finetune/chunked_loss.py), in a single process only: under DDP the model
+        # is wrapped, and going around the wrapper's forward would skip its gradient synchronisation.
+        causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if (
+            self.accelerator.num_processes == 1
+            and model.training
+            and not return_outputs
+            and "shift_labels" in inputs
+            and self.compute_loss_func is None
+            and self.label_smoother is None
+            and chunked_loss.applies(causal_lm)
+        ):
+            # transformers divides by num_items_in_batch when the model takes loss kwargs, as here.
+            count = num_items_in_batch if self.model_accepts_loss_kwargs else None
+            return chunked_loss.causal_lm_loss(causal_lm, inputs, count)
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
 
 class StepEndCallback(TrainerCallback):
