@@ -3,7 +3,7 @@
 
     python bench/peers.py fetch-nvidia --mirror DIR.git --out bench/results/peers
     python bench/peers.py run --out bench/results/peers
-    python bench/peers.py run --device cuda --width 8b --layers 32 --rows 512 --settings a   # 8B at true size
+    python bench/peers.py run --device cuda --width 8b --layers 32 --rows 1024 --settings a  # 8B, true size
 
 `run` builds a ~63M-parameter Llama (1024 wide, 4 layers, the tiny tokenizer with its Llama 3 chat
 template) and 128 Alpaca-shaped rows, then trains one epoch of LoRA r 8 on every linear layer, seq 512, with
@@ -277,33 +277,18 @@ class Runner:
         env = {**PEER_ENV, "DISABLE_VERSION_CHECK": "1", "HF_HUB_OFFLINE": "1"}
         _, peak = measured(command, self.out, self.env(env, self.llama_factory_site))
         result = json.loads((target / "train_results.json").read_text())
-        return {
-            "seconds": result["train_runtime"],
-            "tokens": tokens,
-            "peak": peak,
-            "loss": result["train_loss"],
-        }
+        return {"seconds": result["train_runtime"], "tokens": tokens, "peak": peak,
+                "loss": result["train_loss"]}  # fmt: skip
 
-    def nvidia(
-        self, script: Path, data: Path, model: Path, batch: int, tokens: int, rows: int, timeout: float
-    ):
+    def nvidia(self, script: Path, data: Path, model: Path, batch: int, tokens: int, rows: int, timeout):
         command = [sys.executable, "-c", NVIDIA_RUNNER, data / "alpaca.jsonl", script, "--model_name", model]
-        command += [
-            "--dtype",
-            self.dtype,
-            "--batch_size",
-            batch,
-            "--seq_length",
-            SEQ_LENGTH,
-            "--num_epochs",
-            1,
-        ]
-        command += ["--dataset_size", rows, "--lora_rank", LORA_RANK, "--log_dir", self.out / "nvidia-logs"]
+        command += ["--dtype", self.dtype, "--batch_size", batch, "--seq_length", SEQ_LENGTH]
+        command += ["--num_epochs", 1, "--dataset_size", rows, "--lora_rank", LORA_RANK]
+        command += ["--log_dir", self.out / "nvidia-logs"]
+        # Its torch.compile recompiles for every new padded length; on the CPU that is slow.
         try:
             output, peak = measured(command, self.out, self.env(PEER_ENV), timeout=timeout)
-        except (
-            TimeoutError
-        ):  # its torch.compile recompiles for every new padded length; on the CPU that is slow
+        except TimeoutError:
             return {"timeout": timeout}
         seconds = float(re.search(r"Training runtime: ([\d.]+)", output).group(1))
         loss = float(re.search(r"Train loss: ([\d.]+)", output).group(1))
@@ -359,6 +344,40 @@ def median_result(results: list[dict]) -> dict:
     return {key: statistics.median(r[key] for r in results) for key in results[0]}
 
 
+def cuda_flops(model: Path, work: dict) -> tuple[dict, float | None]:
+    """The model FLOPs of each prompt format's work (architectures.step_flops), and this GPU's bf16 peak."""
+    import architectures
+    import torch
+    from transformers import AutoConfig
+
+    counts = architectures.parameter_counts(AutoConfig.from_pretrained(model), LORA_RANK)
+    flops = {name: architectures.step_flops(counts, "lora", **counted) for name, counted in work.items()}
+    return flops, architectures.bf16_peak(torch.cuda.get_device_name())
+
+
+def table(
+    settings: dict, result: dict, memory: str, flops: dict | None, peak_flops, nvidia: bool
+) -> list[str]:
+    """The markdown table: a section per setting; with `flops`, model TFLOP/s and MFU columns."""
+    extra = (" model TFLOP/s | MFU |", " ---: | ---: |", " | |") if flops else ("", "", "")
+    lines = [
+        f"| run | time for the epoch | real tokens/s | {memory} | final train loss |{extra[0]}",
+        f"| --- | ---: | ---: | ---: | ---: |{extra[1]}",
+    ]
+    chat, nvidia_flops = (flops["chat"], flops["nvidia"]) if flops else (None, None)
+    for key, (title, ours_flags, nvidia_batch) in settings.items():
+        lines.append(f"| **({key}) {title}** | | | | |{extra[2]}")
+        lines.append(row(f"ours `{' '.join(map(str, ours_flags))}`", result[key, "ours"], chat, peak_flops))
+        lf = "`packing` + `neat_packing`, batch 8" + (
+            ", `disable_gradient_checkpointing`" if key == "b" else ""
+        )
+        lines.append(row(f"LLaMA-Factory 0.9.5, {lf}", result[key, "llama-factory"], chat, peak_flops))
+        if nvidia:
+            name = f"NVIDIA's script, `--batch_size {nvidia_batch}`"
+            lines.append(row(name, result[key, "nvidia"], nvidia_flops, peak_flops))
+    return lines
+
+
 def run(args) -> None:
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -408,39 +427,8 @@ def run(args) -> None:
                 record(key, "nvidia", nvidia_run)
     result = {name: median_result(values) for name, values in runs.items()}
 
-    flops = peak_flops = None
-    # On CUDA: the model FLOPs of each format's work (architectures.step_flops), and the GPU's bf16 peak.
-    if args.device == "cuda":
-        import architectures
-        import torch
-        from transformers import AutoConfig
-
-        counts = architectures.parameter_counts(AutoConfig.from_pretrained(model), LORA_RANK)
-        flops = {f: architectures.step_flops(counts, "lora", **counted) for f, counted in work.items()}
-        peak_flops = architectures.bf16_peak(torch.cuda.get_device_name())
-    memory = "peak GPU memory" if args.device == "cuda" else "peak RSS"
-    lines = [
-        f"| run | time for the epoch | real tokens/s | {memory} | final train loss |"
-        + (" model TFLOP/s | MFU |" if flops else ""),
-        "| --- | ---: | ---: | ---: | ---: |" + (" ---: | ---: |" if flops else ""),
-    ]
-    for key, (title, ours_flags, nvidia_batch) in settings.items():
-        lines.append(f"| **({key}) {title}** | | | | |" + (" | |" if flops else ""))
-        chat, nvidia_flops = (flops["chat"], flops["nvidia"]) if flops else (None, None)
-        lines.append(row(f"ours `{' '.join(map(str, ours_flags))}`", result[key, "ours"], chat, peak_flops))
-        lf = "`packing` + `neat_packing`, batch 8" + (
-            "" if key == "a" else ", `disable_gradient_checkpointing`"
-        )
-        lines.append(row(f"LLaMA-Factory 0.9.5, {lf}", result[key, "llama-factory"], chat, peak_flops))
-        if nvidia:
-            lines.append(
-                row(
-                    f"NVIDIA's script, `--batch_size {nvidia_batch}`",
-                    result[key, "nvidia"],
-                    nvidia_flops,
-                    peak_flops,
-                )
-            )
+    flops, peak_flops = cuda_flops(model, work) if args.device == "cuda" else (None, None)
+    lines = table(settings, result, "peak GPU memory" if flops else "peak RSS", flops, peak_flops, nvidia)
     name = "peers" if args.width == "bench" else f"peers-{args.width}-L{args.layers}"
     name += "-cuda" if args.device == "cuda" else ""
     (out / f"{name}.json").write_text(json.dumps({"/".join(k): v for k, v in runs.items()}, indent=2))
