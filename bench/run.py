@@ -83,7 +83,7 @@ class StepTimer:
 
 def worker(spec: dict) -> dict:
     import torch
-    from finetune.config import parse_config
+    from finetune.cli import parse_config
     from finetune.data import Collator, prepare_data
     from finetune.memory import process_rss_bytes
     from finetune.model import load_model, load_model_config, load_tokenizer, placement

@@ -10,7 +10,8 @@ import llama3_8b_lora
 import llama3_70b_qlora
 import pytest
 from conftest import DATA, FAST, SCRIPTS, free_port, offline_env, read_metrics
-from finetune.config import flag_fields, parse_config
+from finetune.cli import parse_config
+from finetune.config import flag_fields
 from finetune.playbook import main
 
 PLAYBOOK_DEFAULTS = [llama3_8b_lora.DEFAULTS, llama3_3b_full.DEFAULTS, llama3_70b_qlora.DEFAULTS]

@@ -202,7 +202,7 @@ def test_qlora_is_not_sharded(tiny_model, tmp_path, capsys):
 
 
 def test_dpo_refuses_shard():
-    from finetune.config import parse_config
+    from finetune.cli import parse_config
     from finetune.dpo import DPOConfig
     from finetune.errors import UserError
 
@@ -261,7 +261,7 @@ def test_preflight_estimates_per_rank_and_names_how_many_ranks_fit(monkeypatch):
 
 
 def test_what_the_sharded_loop_lacks_is_refused_in_one_line():
-    from finetune.config import parse_config
+    from finetune.cli import parse_config
     from finetune.errors import UserError
 
     with pytest.raises(UserError, match=r"--eval_steps, --batch_tokens: not available with --shard"):

@@ -8,7 +8,7 @@ import llama3_8b_lora
 import pytest
 from conftest import DATA, read_metrics
 from finetune import strategies
-from finetune.config import parse_config
+from finetune.cli import parse_config
 from finetune.playbook import main
 
 

@@ -1,7 +1,7 @@
-"""Command line and YAML → one validated `TrainConfig`.
+"""`TrainConfig`: every setting of a run, its flags, its values read from YAML, and its validation.
 
 Every field of `TrainConfig` is a flag (`--seq_length`, also `--seq-length`); booleans get a `--no_` twin.
-A playbook script only changes defaults. Precedence: playbook defaults < `--config FILE.yaml` < flags.
+A playbook script only changes defaults; cli.parse_config puts flags, YAML files and strategies together.
 """
 
 from __future__ import annotations
@@ -220,7 +220,7 @@ def _spellings(name: str, prefix: str = "") -> list[str]:
     return list(dict.fromkeys([snake, dashed]))
 
 
-def _build_parser(prog: str, description: str, defaults: dict, config_class: type) -> argparse.ArgumentParser:
+def build_parser(prog: str, description: str, defaults: dict, config_class: type) -> argparse.ArgumentParser:
     # SUPPRESS as every flag's default tells given flags apart from defaults, which YAML precedence needs.
     parser = argparse.ArgumentParser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
     # Let `--learning_rate -1e-4` reach validation (a clear message) instead of argparse's "expected one argument".
@@ -312,49 +312,6 @@ def yaml_values(data: dict, config_class: type, locate) -> dict:
             raise UserError(f"{locate(raw)}: {key} should be {expected.__name__}, got {value!r}")
         values[key] = value
     return values
-
-
-def _read_yaml(path: str, config_class: type) -> dict:
-    data, lines = load_yaml(path)
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a mapping of option names to values")
-    if "strategies" in data:
-        raise UserError(
-            f"{where(path, lines, 'strategies')}: this file holds named strategies; pick one with --strategy NAME"
-        )
-    values = yaml_values(data, config_class, lambda key: where(path, lines, key))
-    if "export" in values:
-        from .strategies import check_export
-
-        values["export"] = check_export(
-            values["export"], lambda key: where(path, lines, "export", *filter(None, [key]))
-        )
-    return values
-
-
-def parse_config(
-    argv: list[str] | None, *, prog: str, description: str, defaults: dict, config_class: type = TrainConfig
-):
-    """Parse flags (and an optional YAML file) on top of a playbook's defaults, then validate.
-
-    `config_class` is TrainConfig or a subclass adding fields (and checks, in its `validate` method).
-    """
-    parser = _build_parser(prog, description, defaults, config_class)
-    given = vars(parser.parse_args(argv))
-    values = dict(defaults)
-    if given.get("strategy"):
-        from .strategies import read_strategy
-
-        values.update(read_strategy(given.get("config", ""), given["strategy"], config_class))
-    elif given.get("config"):
-        values.update(_read_yaml(given["config"], config_class))
-    values.update(given)
-    cfg = config_class(**values)
-    validate(cfg)
-    cfg.validate()
-    return cfg
 
 
 def validate(cfg: TrainConfig) -> None:

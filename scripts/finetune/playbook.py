@@ -7,7 +7,8 @@ import math
 from pathlib import Path
 
 from .allocator import return_freed_memory
-from .config import TrainConfig, parse_config
+from .cli import parse_config
+from .config import TrainConfig
 from .data import PreparedData, pack_rows, prepare_data
 from .diskspace import check_disk, enforce_disk
 from .errors import run_cli
