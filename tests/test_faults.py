@@ -409,7 +409,7 @@ def test_two_runs_on_one_directory(capsys, tiny_model, tmp_path):
 def test_the_lock_being_taken_does_not_make_the_directory_occupied(tmp_path):
     """With --shard every rank checks the directory while rank 0 takes the lock, whose file it writes under a
     temporary name first: that name (or a stale lock moved aside) is not somebody else's data."""
-    from finetune.outputs import prepare_output_dir
+    from finetune.resume import prepare_output_dir
 
     out = tmp_path / "run"
     out.mkdir()

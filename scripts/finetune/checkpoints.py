@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from . import outputs  # the module, not its names: outputs imports this one while it loads
 from .errors import EXIT_FAULT, UserError, is_disk_full
+from .outputs import CHECKPOINTS, is_main_process, replace_dir
 from .report import human_bytes
 
 MARKER = "checkpoint_complete.json"
@@ -137,7 +137,7 @@ def resume_point(directory: Path) -> str | None:
     for checkpoint in candidates:
         why = problem(checkpoint)
         if why is None:
-            if bad and outputs.is_main_process():
+            if bad and is_main_process():
                 print(f"warning: {_describe(bad)}; resuming from {checkpoint.name} instead", flush=True)
             return str(checkpoint)
         bad.append((checkpoint, why))
@@ -212,7 +212,7 @@ def save_atomically(trainer, save, model, trial) -> None:
         if main:
             _point_at_published(trainer.state, step, staging_root, root, staging)
             seal(staging, step)
-            outputs.replace_dir(staging, target)
+            replace_dir(staging, target)
             with contextlib.suppress(OSError):
                 staging_root.rmdir()  # only if empty
             _fsync(root)
@@ -254,7 +254,7 @@ def disk_full_is_one_line(what: str, out: Path):
     except Exception as exc:
         if not disk_full_at(exc, out):
             raise
-        kept = f"the previous {what} (if any) and the checkpoints are unchanged; {kept_checkpoint(out / outputs.CHECKPOINTS)}"
+        kept = f"the previous {what} (if any) and the checkpoints are unchanged; {kept_checkpoint(out / CHECKPOINTS)}"
         raise UserError(disk_full_message(what, out, kept), EXIT_FAULT) from None
 
 

@@ -17,9 +17,10 @@ from .guards import OutOfMemoryMidRun, out_of_memory_error
 from .lock import run_lock
 from .memory import estimate_run, micro_batch_tokens
 from .model import Placement, check_trainable, count_parameters, load_model_config, load_tokenizer, placement
-from .outputs import CHECKPOINTS, finished_run, is_main_process, prepare_output_dir
+from .outputs import CHECKPOINTS, is_main_process
 from .preflight import check_memory, enforce
 from .report import plan_text, summary_table
+from .resume import finished_run, prepare_output_dir
 from .sharding import train_sharded
 from .strategies import describe_export, describe_strategy, export_paths, run_export
 from .train import train, world_size

@@ -47,7 +47,7 @@ from .report import peak_memory_bytes, perplexity, run_metrics, write_json_atomi
 from .train import STEP_LOSS, StepEndCallback, loss_positions_only
 
 STRATEGY = "fsdp2"
-STATE_FILE = "trainer_state.json"  # the name outputs.prepare_output_dir looks for in a checkpoint
+STATE_FILE = "trainer_state.json"  # the name resume.prepare_output_dir looks for in a checkpoint
 WEIGHTS_FILE = "training_state.pt"  # trainable weights and optimizer state, gathered (rank-independent)
 MAX_GRAD_NORM = 1.0  # the Trainer's default, which the other scripts use
 
