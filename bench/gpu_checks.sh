@@ -75,11 +75,11 @@ print('nf4 round trip on cuda: mean abs error', round(err, 4)); assert err < 0.1
 }
 
 peers() {
-  fits 360 peers || return 0
+  fits 420 peers || return 0
   local nvidia=(--nvidia_script .whl/Llama3_8B_LoRA_finetuning.py)
   [ -f .whl/Llama3_8B_LoRA_finetuning.py ] || { echo "no .whl/Llama3_8B_LoRA_finetuning.py: NVIDIA's script left out"; nvidia=(--skip_nvidia); }
-  run_step 360 peers python3 bench/peers.py run --device cuda --width 8b --layers 32 --rows 1024 --settings a \
-    --llama_factory_site /tmp/site-lf "${nvidia[@]}" --nvidia_timeout 150 --out "$RUNS/peers"
+  run_step 420 peers python3 bench/peers.py run --device cuda --width 8b --layers 32 --rows 1024 --settings a \
+    --llama_factory_site /tmp/site-lf "${nvidia[@]}" --nvidia_timeout 200 --out "$RUNS/peers"
   cp "$RUNS"/peers/peers-*.json "$OUT/" 2>/dev/null
 }
 
