@@ -286,6 +286,29 @@ def test_packed_sdpa_materialises_no_mask(tiny_model, tokenizer, monkeypatch):
     assert len(built) == 1 and built[0]["attention_mask"] is not None
 
 
+def test_packed_attention_finds_the_examples_once_per_forward_pass(tiny_model, tokenizer, monkeypatch):
+    """Every layer gets the same position ids: their examples are found once per pass (on CUDA each finding is a
+    host sync), again for new position ids or ones changed in place, and the logits are those found afresh."""
+    import finetune.attention as attention
+
+    calls = []
+    monkeypatch.setattr(attention, "segments", lambda ids: calls.append(ids) or segments(ids))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=PACKED_SDPA).eval()
+    assert model.config.num_hidden_layers > 1
+    examples, _ = build_examples(load_rows(str(DATA / "alpaca.jsonl"))[:4], "alpaca", tokenizer, _config())
+    batch = Collator(tokenizer.pad_token_id, packing=True)(examples)
+    with torch.no_grad():
+        first = model(**batch, use_cache=False).logits
+        assert len(calls) == 1
+        model(**{**batch, "position_ids": batch["position_ids"].clone()}, use_cache=False)
+        assert len(calls) == 2
+        batch["position_ids"][:] = torch.arange(batch["position_ids"].shape[1])  # one example now
+        whole = model(**batch, use_cache=False).logits
+    assert len(calls) == 3
+    assert segments(batch["position_ids"]) == [[(0, batch["position_ids"].shape[1], False)]]
+    assert not torch.allclose(first, whole)
+
+
 def test_separate_eval_dataset_replaces_the_split(tokenizer):
     cfg = _config(
         dataset=str(DATA / "alpaca.jsonl"), eval_dataset=str(DATA / "messages.jsonl"), eval_split=0.5

@@ -17,6 +17,8 @@ What runs where:
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -43,6 +45,22 @@ def segments(position_ids: torch.Tensor) -> list[list[tuple[int, int, bool]]]:
                 pieces.append((start, end, single))
         rows.append(pieces)
     return rows
+
+
+_last_segments: tuple[weakref.ref, int, list] | None = None
+
+
+def row_segments(position_ids: torch.Tensor) -> list[list[tuple[int, int, bool]]]:
+    """`segments(position_ids)`, worked out once per forward pass: every layer gets the same position ids tensor,
+    and on CUDA each working-out is a host sync (`tolist`). Kept while that very tensor, unchanged, is alive."""
+    global _last_segments
+    if _last_segments is not None:
+        ref, version, found = _last_segments
+        if ref() is position_ids and version == position_ids._version:
+            return found
+    found = segments(position_ids)
+    _last_segments = (weakref.ref(position_ids), position_ids._version, found)
+    return found
 
 
 def packed_sdpa_forward(
@@ -79,9 +97,12 @@ def packed_sdpa_forward(
     # passes put the pieces' gradients together in one copy (a slice's allocates a zero tensor of the whole row
     # per example), and the outputs go back into (rows, length, heads, dim) in one copy.
     groups = query.shape[1] // key.shape[1]
+    pieces_per_row = row_segments(position_ids)
+    if len(pieces_per_row) == 1:  # one row of position ids for every row of the batch
+        pieces_per_row = pieces_per_row * query.shape[0]
     rows = []
     for pieces, q, k, v in zip(
-        segments(position_ids.expand(query.shape[0], -1)),
+        pieces_per_row,
         *((t.squeeze(0),) if t.shape[0] == 1 else t.unbind(0) for t in (query, key, value)),
         strict=True,
     ):
