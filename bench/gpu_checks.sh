@@ -8,8 +8,9 @@
 #   peers    8B LoRA at its true size, ours against LLaMA-Factory and NVIDIA's own script (bench/peers.py):
 #            tokens/s, peak GPU memory, MFU.
 #   sharded  the sharded path (--shard, FSDP2 over NCCL) on one GPU: llama3_70b_lora.py at 70B width, 2 layers.
-#   steady   8B LoRA at its true size, ours against NVIDIA's approach in one process each, warm-up steps left
-#            out (bench/run.py): steady-state tokens/s and MFU.
+#   steady   8B LoRA at its true size, ours against NVIDIA's approach and against ours with the fused layers the
+#            playbooks use on the CPU only, in one process each, warm-up steps left out (bench/run.py):
+#            steady-state tokens/s, MFU and peak memory.
 # On the device tool: carry [".whl"], command `bash bench/gpu_checks.sh [STEP...]` (default: all, in this
 # order), timeout 600.
 set -uo pipefail
@@ -94,9 +95,9 @@ sharded() {
 }
 
 steady() {
-  fits 330 steady || return 0
-  run_step 330 steady python3 bench/run.py --configs 8b-lora --seq_length 2048 --batch_size 8 --steps 8 \
-    --warmup_steps 2 --repeats 1 --impls ours,baseline --cache "$CACHE" --out "$RUNS/bench"
+  fits 400 steady || return 0
+  run_step 400 steady python3 bench/run.py --configs 8b-lora --seq_length 2048 --batch_size 8 --steps 8 \
+    --warmup_steps 2 --repeats 1 --impls ours,baseline,ours-fused --cache "$CACHE" --out "$RUNS/bench"
 }
 
 steps=("$@")

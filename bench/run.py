@@ -38,11 +38,12 @@ CONFIGS = {
     "70b-qlora": ("llama-3.1-70b", "llama3_70b_qlora"),
 }
 IMPLEMENTATIONS = ("ours", "baseline")
-# Our playbook with one speed choice undone, to measure what each is worth (--impls ours-padded,...).
+# Our playbook with one speed choice changed, to measure what each is worth (--impls ours-padded,...).
 ABLATIONS = {
     "ours-padded": "without packing: rows padded to the longest in the batch",
     "ours-all-logits": "logits (and the lm_head) for every position, not only those with loss",
     "ours-checkpointed": "with gradient checkpointing (what the 70B QLoRA playbook turns on)",
+    "ours-fused": "with the fused LoRA, SwiGLU and RMSNorm layers on any device (the playbooks: the CPU only)",
 }
 ALL_IMPLEMENTATIONS = (*IMPLEMENTATIONS, *ABLATIONS)
 RESULT_PREFIX = "BENCH_RESULT "
@@ -86,7 +87,7 @@ def worker(spec: dict) -> dict:
     from finetune.cli import parse_config
     from finetune.data import Collator, prepare_data
     from finetune.memory import process_rss_bytes
-    from finetune.model import load_model, load_model_config, load_tokenizer, placement
+    from finetune.model import fuse_layers, load_model, load_model_config, load_tokenizer, placement
     from finetune.playbook import make_plan
     from finetune.train import MeasuredTrainer, SFTPlaybookTrainer, training_arguments
     from transformers import Trainer, set_seed
@@ -116,6 +117,8 @@ def worker(spec: dict) -> dict:
     plan = make_plan(cfg, model_config, data, place)
     set_seed(cfg.seed)
     model = load_model(cfg, model_config, place)
+    if spec["impl"] == "ours-fused":
+        fuse_layers(model)
     if spec["impl"].startswith("ours"):
         # ours-all-logits: the same trainer without SFTPlaybookTrainer.compute_loss (loss_positions_only).
         base = MeasuredTrainer if spec["impl"] == "ours-all-logits" else SFTPlaybookTrainer

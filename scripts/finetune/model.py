@@ -272,16 +272,22 @@ def load_model(cfg: TrainConfig, model_config, place: Placement):
     model = load_base(cfg, model_config, place)
     if cfg.uses_lora:
         model = _wrap_lora(model, cfg)
-    if place.device == "cpu":  # measured on the CPU only (see lora_fused, swiglu and rmsnorm)
-        from .lora_fused import fuse_lora_layers
-        from .rmsnorm import fuse_rms_norms
-        from .swiglu import fuse_swiglu
-
-        fuse_lora_layers(model)  # no LoRA layers in a full fine-tune: nothing to route
-        fuse_swiglu(model)
-        fuse_rms_norms(model)
+    if place.device == "cpu":  # measured on the CPU only: bench/run.py --impls ours,ours-fused on a GPU
+        fuse_layers(model)
     model.config.use_cache = False  # the KV cache only costs memory in training
     return model
+
+
+def fuse_layers(model) -> None:
+    """LoRA linear layers, SwiGLU MLPs and RMSNorms as single autograd functions that keep less for the backward
+    pass (lora_fused.py, swiglu.py, rmsnorm.py): the same results."""
+    from .lora_fused import fuse_lora_layers
+    from .rmsnorm import fuse_rms_norms
+    from .swiglu import fuse_swiglu
+
+    fuse_lora_layers(model)  # no LoRA layers in a full fine-tune: nothing to route
+    fuse_swiglu(model)
+    fuse_rms_norms(model)
 
 
 def count_parameters(cfg: TrainConfig, model_config) -> tuple[int, int]:
