@@ -43,7 +43,8 @@ ABLATIONS = {
     "ours-padded": "without packing: rows padded to the longest in the batch",
     "ours-all-logits": "logits (and the lm_head) for every position, not only those with loss",
     "ours-checkpointed": "with gradient checkpointing (what the 70B QLoRA playbook turns on)",
-    "ours-fused": "with the fused LoRA, SwiGLU and RMSNorm layers on any device (the playbooks: the CPU only)",
+    "ours-fused": "with the fused LoRA, SwiGLU and RMSNorm layers and the chunked loss on any device (the "
+    "playbooks: the CPU only)",
 }
 ALL_IMPLEMENTATIONS = (*IMPLEMENTATIONS, *ABLATIONS)
 RESULT_PREFIX = "BENCH_RESULT "
@@ -84,6 +85,7 @@ class StepTimer:
 
 def worker(spec: dict) -> dict:
     import torch
+    from finetune import chunked_loss
     from finetune.cli import parse_config
     from finetune.data import Collator, prepare_data
     from finetune.memory import process_rss_bytes
@@ -116,6 +118,8 @@ def worker(spec: dict) -> dict:
     model_config = load_model_config(cfg.model_name)
     plan = make_plan(cfg, model_config, data, place)
     set_seed(cfg.seed)
+    if spec["impl"] == "ours-fused":
+        chunked_loss.DEVICES.add(place.device)
     model = load_model(cfg, model_config, place)
     if spec["impl"] == "ours-fused":
         fuse_layers(model)
