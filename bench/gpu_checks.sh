@@ -8,8 +8,8 @@
 #   peers    8B LoRA at its true size, ours against LLaMA-Factory and NVIDIA's own script (bench/peers.py):
 #            tokens/s, peak GPU memory, MFU.
 #   sharded  the sharded path (--shard, FSDP2 over NCCL) on one GPU: llama3_70b_lora.py at 70B width, 2 layers.
-#   steady   8B LoRA at its true size, ours against NVIDIA's approach and against ours with the fused layers the
-#            playbooks use on the CPU only, in one process each, warm-up steps left out (bench/run.py):
+#   steady   8B LoRA at its true size, ours against NVIDIA's approach and against ours with the fused layers and
+#            chunked loss the playbooks use on the CPU only, one process each, warm-up steps left out (bench/run.py):
 #            steady-state tokens/s, MFU and peak memory.
 # On the device tool: carry [".whl"], command `bash bench/gpu_checks.sh [STEP...]` (default: all, in this
 # order), timeout 600.
