@@ -19,11 +19,11 @@ OUT=${OUT:-/tmp/gpu-checks}
 DEADLINE=${DEADLINE:-570}
 CACHE=/tmp/gpu-checks-cache RUNS=/tmp/gpu-checks-runs
 mkdir -p "$OUT" "$CACHE" "$RUNS"
-install() {  # install WHEELS_DIR TARGET: a wheel is a zip of its files
+unpack_wheels() {  # unpack_wheels WHEELS_DIR TARGET: a wheel is a zip of its files
   compgen -G "$1/*.whl" >/dev/null || return 1
   for wheel in "$1"/*.whl; do python3 -m zipfile -e "$wheel" "$2"; done
 }
-install .whl /tmp/site && export PYTHONPATH=/tmp/site
+unpack_wheels .whl /tmp/site && export PYTHONPATH=/tmp/site
 install .whl/llama-factory /tmp/site-lf
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 fits() {  # fits SECONDS NAME: whether a step of at most SECONDS ends before DEADLINE; else it is named
