@@ -24,7 +24,7 @@ unpack_wheels() {  # unpack_wheels WHEELS_DIR TARGET: a wheel is a zip of its fi
   for wheel in "$1"/*.whl; do python3 -m zipfile -e "$wheel" "$2"; done
 }
 unpack_wheels .whl /tmp/site && export PYTHONPATH=/tmp/site
-install .whl/llama-factory /tmp/site-lf
+unpack_wheels .whl/llama-factory /tmp/site-lf
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 fits() {  # fits SECONDS NAME: whether a step of at most SECONDS ends before DEADLINE; else it is named
   (($SECONDS + $1 <= DEADLINE)) && return
