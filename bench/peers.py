@@ -176,10 +176,10 @@ def nvidia_text(row: dict, eos: str) -> str:
 
 
 # With --device cuda every process reports its own peak GPU memory on the way out: this folder goes first on
-# PYTHONPATH, so its sitecustomize is imported at start-up (in place of any the system has, which is not needed
-# here). A process that never used CUDA, like the one that waits for the run, prints nothing.
+# PYTHONPATH, so its sitecustomize is imported at start-up; it then runs the one it shadows, if the Python has
+# one. A process that never used CUDA, like the one that waits for the run, prints nothing.
 CUDA_PEAK_PROBE = """
-import atexit, sys
+import atexit, importlib.util, os, sys
 
 def report_cuda_peak():
     torch = sys.modules.get("torch")
@@ -187,6 +187,13 @@ def report_cuda_peak():
         print("PEAK_CUDA_BYTES", torch.cuda.max_memory_allocated(), file=sys.stderr, flush=True)
 
 atexit.register(report_cuda_peak)
+here = os.path.dirname(os.path.abspath(__file__))
+for entry in sys.path:
+    shadowed = os.path.join(entry or os.getcwd(), "sitecustomize.py")
+    if os.path.abspath(entry or os.getcwd()) != here and os.path.isfile(shadowed):
+        spec = importlib.util.spec_from_file_location("shadowed_sitecustomize", shadowed)
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+        break
 """
 
 
