@@ -240,7 +240,7 @@ class Runner:
     """How each implementation is started on this machine: the device, its dtype, the environments."""
 
     def __init__(self, out: Path, device: str, llama_factory_python: Path, llama_factory_site: Path | None):
-        self.out, self.device = out, device
+        self.out = out
         self.dtype = "bfloat16" if device == "cuda" else "float32"
         self.llama_factory_python, self.llama_factory_site = llama_factory_python, llama_factory_site
         self.probe = None

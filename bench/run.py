@@ -85,11 +85,10 @@ class StepTimer:
 
 def worker(spec: dict) -> dict:
     import torch
-    from finetune import chunked_loss
     from finetune.cli import parse_config
     from finetune.data import Collator, prepare_data
     from finetune.memory import process_rss_bytes
-    from finetune.model import fuse_layers, load_model, load_model_config, load_tokenizer, placement
+    from finetune.model import FUSED_DEVICES, load_model, load_model_config, load_tokenizer, placement
     from finetune.playbook import make_plan
     from finetune.train import MeasuredTrainer, SFTPlaybookTrainer, training_arguments
     from transformers import Trainer, set_seed
@@ -119,10 +118,8 @@ def worker(spec: dict) -> dict:
     plan = make_plan(cfg, model_config, data, place)
     set_seed(cfg.seed)
     if spec["impl"] == "ours-fused":
-        chunked_loss.DEVICES.add(place.device)
+        FUSED_DEVICES.add(place.device)
     model = load_model(cfg, model_config, place)
-    if spec["impl"] == "ours-fused":
-        fuse_layers(model)
     if spec["impl"].startswith("ours"):
         # ours-all-logits: the same trainer without SFTPlaybookTrainer.compute_loss (loss_positions_only).
         base = MeasuredTrainer if spec["impl"] == "ours-all-logits" else SFTPlaybookTrainer

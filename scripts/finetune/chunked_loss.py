@@ -21,11 +21,9 @@ import torch
 from transformers.models.llama.modeling_llama import LlamaForCausalLM
 
 from .data import IGNORE_INDEX
+from .model import FUSED_DEVICES
 
 CHUNK_BYTES = 1 << 28  # float32 logits of one chunk: 256 MiB
-# Where it is used: measured on the CPU only (on CUDA Liger's fused loss does the same where it is installed);
-# bench/run.py --impls ours-fused adds "cuda" to measure it there.
-DEVICES = {"cpu"}
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -85,7 +83,7 @@ def applies(causal_lm) -> bool:
         type(head) is torch.nn.Linear
         and head.bias is None
         and not head.weight.requires_grad
-        and head.weight.device.type in DEVICES
+        and head.weight.device.type in FUSED_DEVICES
         and _head_source(type(causal_lm)) == _head_source(LlamaForCausalLM)
     )
 

@@ -31,10 +31,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import chunked_loss
 from .chunked_loss import CHUNK_BYTES, routes
 from .config import TrainConfig
-from .model import Placement, liger_kernels
+from .model import FUSED_DEVICES, Placement, liger_kernels
 
 if TYPE_CHECKING:
     from .data import DataStats
@@ -286,7 +285,7 @@ def _estimate_run(
         loss_tokens=math.ceil(tokens * loss_share),
         fused_cross_entropy=liger_kernels(place),
         chunked_cross_entropy=(
-            place.device in chunked_loss.DEVICES
+            place.device in FUSED_DEVICES
             and cfg.method != "full"
             and int(os.environ.get("WORLD_SIZE", "1")) == 1
             and routes(model_config)

@@ -267,12 +267,18 @@ def load_base(cfg: TrainConfig, model_config, place: Placement, name: str = "", 
     return model
 
 
+# Where the fused layers (fuse_layers) and the chunked loss (chunked_loss.py) are used: where they were measured.
+# On CUDA, Liger's kernels do the same where liger-kernel is installed; bench/run.py --impls ours-fused adds a
+# GPU to measure them there.
+FUSED_DEVICES = {"cpu"}
+
+
 def load_model(cfg: TrainConfig, model_config, place: Placement):
     """The model ready to train: full weights, LoRA on top, or LoRA on a 4-bit base."""
     model = load_base(cfg, model_config, place)
     if cfg.uses_lora:
         model = _wrap_lora(model, cfg)
-    if place.device == "cpu":  # measured on the CPU only: bench/run.py --impls ours,ours-fused on a GPU
+    if place.device in FUSED_DEVICES:
         fuse_layers(model)
     model.config.use_cache = False  # the KV cache only costs memory in training
     return model
